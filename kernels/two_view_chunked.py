@@ -1,0 +1,147 @@
+"""The cuBLAS-chunked mode: statistics, and the logit gradient written in place.
+
+The caller computes a chunk of raw logits per view with a library matmul (``h Wᵀ + b``,
+chunk × V). :func:`chunk_stats` reduces them to the statistics; in the backward,
+:func:`chunk_grad_in_place` overwrites the same buffers with d(objective)/d(raw logits),
+so the two gradient matmuls can follow with no further N×V allocation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .two_view_common import finalize_stats, grad_scaled_logits, online_update, scale_logits
+from .two_view_fwd import interpreting
+
+
+@triton.jit
+def _chunk_stats_kernel(
+    sa_ptr, sb_ptr, labels_ptr, stats_ptr,
+    N, V, stride_sa, stride_sb, stride_stats,
+    inv_temp, softcap, ignore_index,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    inv_temp = tl.cast(inv_temp, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    m_a = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s_a = tl.zeros((BLOCK_N,), tl.float32)
+    s_b = tl.zeros((BLOCK_N,), tl.float32)
+    t_a = tl.zeros((BLOCK_N,), tl.float32)
+    t_b = tl.zeros((BLOCK_N,), tl.float32)
+    d_a = tl.zeros((BLOCK_N,), tl.float32)
+    d_b = tl.zeros((BLOCK_N,), tl.float32)
+    zy_a = tl.zeros((BLOCK_N,), tl.float32)
+    zy_b = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < V
+        mask = row_mask[:, None] & col_mask[None, :]
+        raw_a = tl.load(sa_ptr + rows[:, None] * stride_sa + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        raw_b = tl.load(sb_ptr + rows[:, None] * stride_sb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        z_a, _ = scale_logits(raw_a, softcap, inv_temp, HAS_SOFTCAP)
+        z_b, _ = scale_logits(raw_b, softcap, inv_temp, HAS_SOFTCAP)
+        m_a, s_a, t_a, d_a = online_update(m_a, s_a, t_a, d_a, z_a, z_b, col_mask)
+        m_b, s_b, t_b, d_b = online_update(m_b, s_b, t_b, d_b, z_b, z_a, col_mask)
+        hit = (cols[None, :] == labels[:, None]) & col_mask[None, :]
+        zy_a += tl.sum(tl.where(hit, z_a, 0.0), axis=1)
+        zy_b += tl.sum(tl.where(hit, z_b, 0.0), axis=1)
+    ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b, lse_a, lse_b = finalize_stats(
+        m_a, s_a, t_a, d_a, zy_a, m_b, s_b, t_b, d_b, zy_b, labels, V, ignore_index)
+    tl.store(stats_ptr + 0 * stride_stats + rows, ce_a, mask=row_mask)
+    tl.store(stats_ptr + 1 * stride_stats + rows, ce_b, mask=row_mask)
+    tl.store(stats_ptr + 2 * stride_stats + rows, kl_ab, mask=row_mask)
+    tl.store(stats_ptr + 3 * stride_stats + rows, kl_ba, mask=row_mask)
+    tl.store(stats_ptr + 4 * stride_stats + rows, ent_a, mask=row_mask)
+    tl.store(stats_ptr + 5 * stride_stats + rows, ent_b, mask=row_mask)
+    tl.store(stats_ptr + 6 * stride_stats + rows, lse_a, mask=row_mask)
+    tl.store(stats_ptr + 7 * stride_stats + rows, lse_b, mask=row_mask)
+
+
+@triton.jit
+def _chunk_grad_kernel(
+    sa_ptr, sb_ptr, labels_ptr, stats_ptr, grads_ptr,
+    N, V, stride_sa, stride_sb, stride_stats, stride_g_k, stride_g_n,
+    inv_temp, softcap, ignore_index,
+    HAS_SOFTCAP: tl.constexpr, NEED_B: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    row_mask = rows < N
+    col_mask = cols < V
+    mask = row_mask[:, None] & col_mask[None, :]
+    inv_temp = tl.cast(inv_temp, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    pa = sa_ptr + rows[:, None] * stride_sa + cols[None, :]
+    pb = sb_ptr + rows[:, None] * stride_sb + cols[None, :]
+    raw_a = tl.load(pa, mask=mask, other=0.0).to(tl.float32)
+    raw_b = tl.load(pb, mask=mask, other=0.0).to(tl.float32)
+    z_a, cap_a = scale_logits(raw_a, softcap, inv_temp, HAS_SOFTCAP)
+    z_b, cap_b = scale_logits(raw_b, softcap, inv_temp, HAS_SOFTCAP)
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    kl_ab = tl.load(stats_ptr + 2 * stride_stats + rows, mask=row_mask, other=0.0)
+    kl_ba = tl.load(stats_ptr + 3 * stride_stats + rows, mask=row_mask, other=0.0)
+    ent_a = tl.load(stats_ptr + 4 * stride_stats + rows, mask=row_mask, other=0.0)
+    ent_b = tl.load(stats_ptr + 5 * stride_stats + rows, mask=row_mask, other=0.0)
+    lse_a = tl.load(stats_ptr + 6 * stride_stats + rows, mask=row_mask, other=0.0)
+    lse_b = tl.load(stats_ptr + 7 * stride_stats + rows, mask=row_mask, other=0.0)
+    g_row = grads_ptr + rows * stride_g_n
+    valid = (labels != ignore_index) & row_mask
+    g_ce_a = tl.where(valid, tl.load(g_row + 0 * stride_g_k, mask=row_mask, other=0.0), 0.0)
+    g_ce_b = tl.where(valid, tl.load(g_row + 1 * stride_g_k, mask=row_mask, other=0.0), 0.0)
+    g_kl_ab = tl.load(g_row + 2 * stride_g_k, mask=row_mask, other=0.0)
+    g_kl_ba = tl.load(g_row + 3 * stride_g_k, mask=row_mask, other=0.0)
+    g_ent_a = tl.load(g_row + 4 * stride_g_k, mask=row_mask, other=0.0)
+    g_ent_b = tl.load(g_row + 5 * stride_g_k, mask=row_mask, other=0.0)
+    onehot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+    g_a, g_b = grad_scaled_logits(z_a, z_b, onehot, lse_a, lse_b, kl_ab, kl_ba, ent_a, ent_b,
+                                  g_ce_a, g_ce_b, g_kl_ab, g_kl_ba, g_ent_a, g_ent_b, NEED_B)
+    tl.store(pa, (g_a * cap_a * inv_temp).to(sa_ptr.dtype.element_ty), mask=mask)
+    if NEED_B:
+        tl.store(pb, (g_b * cap_b * inv_temp).to(sb_ptr.dtype.element_ty), mask=mask)
+
+
+def _blocks(n: int, v: int) -> tuple[int, int]:
+    if interpreting():
+        return min(64, max(16, triton.next_power_of_2(n))), min(4096, max(16, triton.next_power_of_2(v)))
+    return 16, 1024
+
+
+def chunk_stats(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Tensor,
+                stats_out: torch.Tensor, *, inv_temp: float, softcap: Optional[float],
+                ignore_index: int) -> None:
+    """Fill ``stats_out`` (8, rows; row stride may be > rows) from two raw-logit chunks."""
+    n, v = logits_a.shape
+    if n == 0:
+        return
+    bn, bv = _blocks(n, v)
+    _chunk_stats_kernel[(triton.cdiv(n, bn),)](
+        logits_a, logits_b, labels, stats_out, n, v,
+        logits_a.stride(0), logits_b.stride(0), stats_out.stride(0),
+        float(inv_temp), float(softcap or 1.0), int(ignore_index),
+        HAS_SOFTCAP=softcap is not None, BLOCK_N=bn, BLOCK_V=bv, num_warps=4)
+
+
+def chunk_grad_in_place(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Tensor,
+                        stats: torch.Tensor, grads: torch.Tensor, *, inv_temp: float,
+                        softcap: Optional[float], ignore_index: int, need_b: bool) -> None:
+    """Overwrite the raw-logit chunks with the objective's gradient w.r.t. them."""
+    n, v = logits_a.shape
+    if n == 0:
+        return
+    bn, bv = _blocks(n, v)
+    _chunk_grad_kernel[(triton.cdiv(n, bn), triton.cdiv(v, bv))](
+        logits_a, logits_b, labels, stats, grads, n, v,
+        logits_a.stride(0), logits_b.stride(0), stats.stride(0), grads.stride(0), grads.stride(1),
+        float(inv_temp), float(softcap or 1.0), int(ignore_index),
+        HAS_SOFTCAP=softcap is not None, NEED_B=need_b, BLOCK_N=bn, BLOCK_V=bv, num_warps=4)

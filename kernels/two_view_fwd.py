@@ -1,0 +1,154 @@
+"""Fused forward: one pass over the vocabulary, each W tile loaded once for both views.
+
+Grid: one program per block of BLOCK_N rows. For each BLOCK_V slice of the vocabulary the
+program computes both views' logit tiles (``tl.dot`` over D in BLOCK_D steps), folds them
+into the online row statistics and discards them: no N×V tensor ever reaches memory.
+Output: ``stats`` (8, N) float32 = ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b, lse_a, lse_b.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .two_view_common import finalize_stats, online_update, scale_logits
+
+N_STATS = 8  # six statistics + the two log-sum-exps the backward needs
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block sizes and launch shape (powers of two; ≥ 16 for tensor-core dots on GPU)."""
+
+    block_n: int = 64
+    block_v: int = 128
+    block_d: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+def interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _two_view_fwd_kernel(
+    ha_ptr, hb_ptr, w_ptr, bias_ptr, labels_ptr, stats_ptr,
+    N, V, D,
+    stride_ha_n, stride_ha_d, stride_hb_n, stride_hb_d, stride_w_v, stride_w_d,
+    inv_temp, softcap, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    inv_temp = tl.cast(inv_temp, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+
+    m_a = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s_a = tl.zeros((BLOCK_N,), tl.float32)
+    s_b = tl.zeros((BLOCK_N,), tl.float32)
+    t_a = tl.zeros((BLOCK_N,), tl.float32)
+    t_b = tl.zeros((BLOCK_N,), tl.float32)
+    d_a = tl.zeros((BLOCK_N,), tl.float32)
+    d_b = tl.zeros((BLOCK_N,), tl.float32)
+    zy_a = tl.zeros((BLOCK_N,), tl.float32)
+    zy_b = tl.zeros((BLOCK_N,), tl.float32)
+
+    for v0 in range(0, V, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < V
+        acc_a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        acc_b = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+            d_mask = dd < D
+            h_mask = row_mask[:, None] & d_mask[None, :]
+            xa = tl.load(ha_ptr + rows[:, None] * stride_ha_n + dd[None, :] * stride_ha_d, mask=h_mask, other=0.0)
+            xb = tl.load(hb_ptr + rows[:, None] * stride_hb_n + dd[None, :] * stride_hb_d, mask=h_mask, other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * stride_w_v + dd[:, None] * stride_w_d,
+                        mask=d_mask[:, None] & col_mask[None, :], other=0.0)
+            if DOT_FP32:
+                xa = xa.to(tl.float32)
+                xb = xb.to(tl.float32)
+                w = w.to(tl.float32)
+            else:
+                w = w.to(xa.dtype)
+            acc_a = tl.dot(xa, w, acc_a, input_precision=PRECISION)
+            acc_b = tl.dot(xb, w, acc_b, input_precision=PRECISION)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            acc_a += bias[None, :]
+            acc_b += bias[None, :]
+        z_a, _ = scale_logits(acc_a, softcap, inv_temp, HAS_SOFTCAP)
+        z_b, _ = scale_logits(acc_b, softcap, inv_temp, HAS_SOFTCAP)
+        m_a, s_a, t_a, d_a = online_update(m_a, s_a, t_a, d_a, z_a, z_b, col_mask)
+        m_b, s_b, t_b, d_b = online_update(m_b, s_b, t_b, d_b, z_b, z_a, col_mask)
+        hit = (cols[None, :] == labels[:, None]) & col_mask[None, :]
+        zy_a += tl.sum(tl.where(hit, z_a, 0.0), axis=1)
+        zy_b += tl.sum(tl.where(hit, z_b, 0.0), axis=1)
+
+    ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b, lse_a, lse_b = finalize_stats(
+        m_a, s_a, t_a, d_a, zy_a, m_b, s_b, t_b, d_b, zy_b, labels, V, ignore_index)
+    tl.store(stats_ptr + 0 * N + rows, ce_a, mask=row_mask)
+    tl.store(stats_ptr + 1 * N + rows, ce_b, mask=row_mask)
+    tl.store(stats_ptr + 2 * N + rows, kl_ab, mask=row_mask)
+    tl.store(stats_ptr + 3 * N + rows, kl_ba, mask=row_mask)
+    tl.store(stats_ptr + 4 * N + rows, ent_a, mask=row_mask)
+    tl.store(stats_ptr + 5 * N + rows, ent_b, mask=row_mask)
+    tl.store(stats_ptr + 6 * N + rows, lse_a, mask=row_mask)
+    tl.store(stats_ptr + 7 * N + rows, lse_b, mask=row_mask)
+
+
+def dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
+    """(upcast operands to fp32?, tl.dot input_precision) for an input dtype.
+
+    The interpreter multiplies raw bits in bf16 dots, so it always upcasts; fp32 inputs use
+    IEEE fp32 dots (TF32 would cost ~1e-3 relative accuracy).
+    """
+    if interpreting() or dtype == torch.float32:
+        return True, "ieee"
+    return False, "tf32"
+
+
+def two_view_forward(h_a: torch.Tensor, h_b: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor], labels: torch.Tensor, *, inv_temp: float,
+                     softcap: Optional[float], ignore_index: int,
+                     config: Optional[TileConfig] = None) -> torch.Tensor:
+    """Launch the fused forward; returns the (8, N) float32 statistics table."""
+    n, d = h_a.shape
+    v = weight.shape[0]
+    cfg = config or default_forward_config(n, d, v)
+    stats = torch.empty((N_STATS, n), dtype=torch.float32, device=h_a.device)
+    if n == 0:
+        return stats
+    dot_fp32, precision = dot_mode(h_a.dtype)
+    grid = (triton.cdiv(n, cfg.block_n),)
+    _two_view_fwd_kernel[grid](
+        h_a, h_b, weight, bias if bias is not None else weight, labels, stats,
+        n, v, d,
+        h_a.stride(0), h_a.stride(1), h_b.stride(0), h_b.stride(1), weight.stride(0), weight.stride(1),
+        float(inv_temp), float(softcap or 1.0), int(ignore_index),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, DOT_FP32=dot_fp32,
+        PRECISION=precision, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return stats
+
+
+def default_forward_config(n: int, d: int, v: int) -> TileConfig:
+    """Large tiles under the interpreter (its cost is per program step), Hopper-sized on GPU."""
+    if interpreting():
+        return TileConfig(block_n=min(64, max(16, triton.next_power_of_2(n))),
+                          block_v=min(2048, max(16, triton.next_power_of_2(v))),
+                          block_d=min(256, max(16, triton.next_power_of_2(d))))
+    return TileConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)

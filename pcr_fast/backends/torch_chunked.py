@@ -1,0 +1,170 @@
+"""Chunked PyTorch implementation of the two-view statistics (any device).
+
+Rows are processed ``chunk_size`` at a time: the chunk's logits (chunk × V, float32) are
+the only large temporary, so memory is O(chunk·V) instead of O(N·V). The backward
+recomputes each chunk's logits and applies the closed-form gradients of DESIGN §2. The two
+helpers :func:`rows_stats` and :func:`rows_grad_logits` are the same math the Triton
+kernels implement, written in plain torch; the Triton ``chunked`` mode falls back to them
+when Triton is unavailable.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .params import StatsParams
+
+
+def capped_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], params: StatsParams):
+    """Return ``(z, cap_grad)``: scaled logits in float32/64 and d(z·T)/d(raw) (or None)."""
+    dt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    if h.device.type == "cpu" or h.dtype == dt:
+        s = h.to(dt) @ weight.to(dt).T
+    else:  # tensor-core matmul in the input precision, statistics in float32
+        s = (h @ weight.to(h.dtype).T).to(dt)
+    if bias is not None:
+        s = s + bias.to(dt)
+    cap_grad = None
+    if params.softcap is not None:
+        c = torch.tanh(s / params.softcap)
+        cap_grad = 1.0 - c * c
+        s = params.softcap * c
+    if params.temperature != 1.0:
+        s = s / params.temperature
+    return s, cap_grad
+
+
+def rows_stats(z_a: Tensor, z_b: Tensor, labels: Tensor, ignore_index: int):
+    """Six statistics plus ``lse_a, lse_b`` for a block of rows of scaled logits."""
+    lse_a = torch.logsumexp(z_a, dim=-1)
+    lse_b = torch.logsumexp(z_b, dim=-1)
+    logp = z_a - lse_a[:, None]
+    logq = z_b - lse_b[:, None]
+    p, q = logp.exp(), logq.exp()
+    diff = logp - logq
+    kl_ab = (p * diff).sum(-1)
+    kl_ba = -(q * diff).sum(-1)
+    ent_a = -(p * logp).sum(-1)
+    ent_b = -(q * logq).sum(-1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))[:, None]
+    zero = torch.zeros((), dtype=z_a.dtype, device=z_a.device)
+    ce_a = torch.where(valid, lse_a - z_a.gather(1, safe)[:, 0], zero)
+    ce_b = torch.where(valid, lse_b - z_b.gather(1, safe)[:, 0], zero)
+    return (ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b), lse_a, lse_b
+
+
+def rows_grad_logits(z_a: Tensor, z_b: Tensor, labels: Tensor, ignore_index: int,
+                     lse_a: Tensor, lse_b: Tensor, stats: Sequence[Tensor],
+                     grads: Sequence[Optional[Tensor]]):
+    """Closed-form gradient of ``Σ_k g_k · stat_k`` w.r.t. the scaled logits of each view.
+
+    ``grads`` holds the upstream gradients (ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b), each
+    (rows,) or None. Returns ``(g_za, g_zb)``.
+    """
+    g_ce_a, g_ce_b, g_kl_ab, g_kl_ba, g_ent_a, g_ent_b = grads
+    logp = z_a - lse_a[:, None]
+    logq = z_b - lse_b[:, None]
+    p, q = logp.exp(), logq.exp()
+    # Re-reduce KL/H from this very p, q (not the saved values): the gradient terms
+    # p·(log p − log q − KL) cancel to ~0 for peaked rows, and only a bit-consistent KL
+    # cancels cleanly there (what autograd through log_softmax does too).
+    diff = (z_a - z_b) - (lse_a - lse_b)[:, None]
+    kl_ab = (p * diff).sum(-1) if g_kl_ab is not None else None
+    kl_ba = -(q * diff).sum(-1) if g_kl_ba is not None else None
+    ent_a = -(p * logp).sum(-1) if g_ent_a is not None else None
+    ent_b = -(q * logq).sum(-1) if g_ent_b is not None else None
+    g_a = torch.zeros_like(z_a)
+    g_b = torch.zeros_like(z_b)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))[:, None]
+    if g_ce_a is not None:
+        w = torch.where(valid, g_ce_a, torch.zeros_like(g_ce_a))
+        g_a += w[:, None] * p
+        g_a.scatter_add_(1, safe, -w[:, None])
+    if g_ce_b is not None:
+        w = torch.where(valid, g_ce_b, torch.zeros_like(g_ce_b))
+        g_b += w[:, None] * q
+        g_b.scatter_add_(1, safe, -w[:, None])
+    if g_kl_ab is not None:
+        g_a += g_kl_ab[:, None] * p * (diff - kl_ab[:, None])
+        g_b += g_kl_ab[:, None] * (q - p)
+    if g_kl_ba is not None:
+        g_b += g_kl_ba[:, None] * q * (-diff - kl_ba[:, None])
+        g_a += g_kl_ba[:, None] * (p - q)
+    if g_ent_a is not None:
+        g_a -= g_ent_a[:, None] * p * (logp + ent_a[:, None])
+    if g_ent_b is not None:
+        g_b -= g_ent_b[:, None] * q * (logq + ent_b[:, None])
+    return g_a, g_b
+
+
+def to_raw_grad(g_z: Tensor, cap_grad: Optional[Tensor], params: StatsParams) -> Tensor:
+    """Chain the scaled-logit gradient through the temperature and the softcap."""
+    if params.temperature != 1.0:
+        g_z = g_z / params.temperature
+    if cap_grad is not None:
+        g_z = g_z * cap_grad
+    return g_z
+
+
+class TorchChunkedStats(torch.autograd.Function):
+    """Autograd Function of the chunked torch backend (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, h_a, h_b, weight, bias, labels, params: StatsParams):
+        n = h_a.shape[0]
+        dt = torch.float64 if h_a.dtype == torch.float64 else torch.float32
+        out = torch.empty(6, n, dtype=dt, device=h_a.device)
+        lse = torch.empty(2, n, dtype=dt, device=h_a.device)
+        for start in range(0, n, params.chunk_size):
+            sl = slice(start, min(n, start + params.chunk_size))
+            z_a, _ = capped_logits(h_a[sl], weight, bias, params)
+            z_b, _ = capped_logits(h_b[sl], weight, bias, params)
+            stats, lse_a, lse_b = rows_stats(z_a, z_b, labels[sl], params.ignore_index)
+            out[:, sl] = torch.stack(stats)
+            lse[0, sl], lse[1, sl] = lse_a, lse_b
+        ctx.save_for_backward(h_a, h_b, weight, bias, labels, out, lse)
+        ctx.params = params
+        ctx.set_materialize_grads(False)
+        return tuple(out.unbind(0))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        h_a, h_b, weight, bias, labels, out, lse = ctx.saved_tensors
+        params: StatsParams = ctx.params
+        need_ha, need_hb, need_w, need_b = ctx.needs_input_grad[:4]
+        b_side = not params.detach_b
+        dt = out.dtype
+        d_ha = torch.zeros(h_a.shape, dtype=dt, device=h_a.device) if need_ha else None
+        d_hb = torch.zeros(h_b.shape, dtype=dt, device=h_b.device) if need_hb and b_side else None
+        d_w = torch.zeros(weight.shape, dtype=dt, device=weight.device) if need_w else None
+        d_b = torch.zeros(weight.shape[0], dtype=dt, device=weight.device) if need_b else None
+        w_dt = weight.to(dt)
+        n = h_a.shape[0]
+        for start in range(0, n, params.chunk_size):
+            sl = slice(start, min(n, start + params.chunk_size))
+            z_a, cap_a = capped_logits(h_a[sl], weight, bias, params)
+            z_b, cap_b = capped_logits(h_b[sl], weight, bias, params)
+            g = [None if x is None else x[sl].to(dt) for x in grads]
+            g_a, g_b = rows_grad_logits(z_a, z_b, labels[sl], params.ignore_index,
+                                        lse[0, sl], lse[1, sl], out[:, sl].unbind(0), g)
+            g_a = to_raw_grad(g_a, cap_a, params)
+            g_b = to_raw_grad(g_b, cap_b, params) if b_side else None
+            if d_ha is not None:
+                d_ha[sl] = g_a @ w_dt
+            if d_hb is not None:
+                d_hb[sl] = g_b @ w_dt
+            if d_w is not None:
+                d_w += g_a.T @ h_a[sl].to(dt)
+                if g_b is not None:
+                    d_w += g_b.T @ h_b[sl].to(dt)
+            if d_b is not None:
+                d_b += g_a.sum(0)
+                if g_b is not None:
+                    d_b += g_b.sum(0)
+        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+        return (cast(d_ha, h_a), cast(d_hb, h_b), cast(d_w, weight),
+                None if d_b is None else d_b.to(bias.dtype), None, None)

@@ -1,0 +1,239 @@
+"""``TwoViewLoss``: the PCR objective composed from the fused two-view statistics.
+
+Per token t (DESIGN §1)::
+
+    ℓ_t = ce_weight · CE(p_a, y_t)                      (labelled tokens)
+        + divergence_weight · φ(D_t)                     (selected tokens)
+        + entropy_weight · ψ(H_t)                        (selected tokens)
+
+with ``D`` one of KL(p_a‖p_b), KL(p_b‖p_a) or their sum, ``φ`` a bounded "pull apart"
+(``hinge``: relu(margin − D), zero once the views differ by ``margin`` nats; ``clip``:
+−min(D, margin), same gradient, negative values), and ``ψ`` the entropy penalty of the
+chosen view(s). Everything here is plain PyTorch on (N,) vectors: the heavy lifting is
+in :func:`pcr_fast.two_view_stats`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .stats import TwoViewStats, fused_chunked_objective, resolve_backend, two_view_stats
+
+DIVERGENCES = ("kl", "reverse_kl", "symmetric_kl")
+DIVERGENCE_FORMS = ("hinge", "clip")
+ENTROPY_VIEWS = ("a", "b", "both")
+ENTROPY_FORMS = ("linear", "below", "above", "square")
+REDUCTIONS = ("mean", "sum", "none")
+TOKEN_SELECTIONS = ("labelled", "all")
+
+
+@dataclass
+class TwoViewLossOutput:
+    """The objective and detached per-term values for logging (no host sync)."""
+
+    loss: Tensor            # scalar for mean/sum, (N,) for reduction="none"
+    ce: Tensor              # mean CE of view a over labelled tokens
+    divergence: Tensor      # mean D over the regularised tokens
+    divergence_term: Tensor  # mean φ(D) (what the loss adds, before its weight)
+    entropy: Tensor         # mean H of the entropy view(s) over the regularised tokens
+    num_tokens: Tensor      # labelled tokens in this batch
+    stats: TwoViewStats     # detached per-row statistics
+
+    def log_dict(self, prefix: str = "") -> dict:
+        """Detached scalars keyed for a logger (call ``.item()`` off the hot path)."""
+        return {f"{prefix}ce": self.ce, f"{prefix}divergence": self.divergence,
+                f"{prefix}divergence_term": self.divergence_term, f"{prefix}entropy": self.entropy}
+
+
+def _choice(name: str, value: str, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+class TwoViewLoss(nn.Module):
+    """The PCR objective on hidden states of two views and the lm_head weight.
+
+    Args:
+        ce_weight: weight of the next-token CE on the original view a.
+        divergence: ``kl`` = KL(p_a‖p_b), ``reverse_kl`` = KL(p_b‖p_a), ``symmetric_kl``.
+        divergence_weight: weight of the bounded pull-apart term.
+        margin: bound of the pull-apart term in nats (``None``: unbounded −D).
+        divergence_form: ``hinge`` = relu(margin − D) or ``clip`` = −min(D, margin).
+        entropy_weight: weight of the entropy term.
+        entropy_view: which view's entropy: ``a`` (original), ``b`` (augmented), ``both``.
+        entropy_target: level used by the ``below``/``above``/``square`` forms.
+        entropy_form: ``linear`` (+H: lower entropy), ``below`` (relu(H − target): keep
+            entropy under the target), ``above`` (relu(target − H): keep it over), ``square``
+            ((H − target)²). Defaults to ``linear`` without a target, ``below`` with one.
+        regularize: tokens the divergence/entropy act on: ``labelled`` (response tokens,
+            default) or ``all`` (every row, or those in ``token_mask``).
+        reduction: ``mean`` (over labelled tokens, or ``num_items_in_batch``), ``sum``, ``none``.
+        detach_view_b: stop-gradient through view b (its distribution is a constant target).
+        temperature, softcap, ignore_index, backend: passed to :func:`two_view_stats`.
+
+    Defaults come from the evaluation harness (README, "Choosing the defaults").
+    """
+
+    def __init__(self, ce_weight: float = 1.0, divergence: str = "kl",
+                 divergence_weight: float = 1.0, margin: Optional[float] = 3.0,
+                 entropy_weight: float = 0.0, entropy_view: str = "a",
+                 entropy_target: Optional[float] = None, reduction: str = "mean",
+                 backend: str = "auto", *, divergence_form: str = "hinge",
+                 entropy_form: Optional[str] = None, regularize: str = "labelled",
+                 detach_view_b: bool = False, temperature: float = 1.0,
+                 softcap: Optional[float] = None, ignore_index: int = -100,
+                 chunk_size: Optional[int] = None):
+        super().__init__()
+        self.ce_weight = float(ce_weight)
+        self.divergence = _choice("divergence", divergence, DIVERGENCES)
+        self.divergence_weight = float(divergence_weight)
+        if margin is not None and margin <= 0:
+            raise ValueError(f"margin must be positive or None, got {margin!r}")
+        self.margin = margin
+        self.divergence_form = _choice("divergence_form", divergence_form, DIVERGENCE_FORMS)
+        self.entropy_weight = float(entropy_weight)
+        self.entropy_view = _choice("entropy_view", entropy_view, ENTROPY_VIEWS)
+        self.entropy_target = entropy_target
+        if entropy_form is None:
+            entropy_form = "linear" if entropy_target is None else "below"
+        self.entropy_form = _choice("entropy_form", entropy_form, ENTROPY_FORMS)
+        if self.entropy_form != "linear" and entropy_target is None:
+            raise ValueError(f"entropy_target is required with entropy_form={entropy_form!r}")
+        self.regularize = _choice("regularize", regularize, TOKEN_SELECTIONS)
+        self.reduction = _choice("reduction", reduction, REDUCTIONS)
+        self.backend = backend
+        self.detach_view_b = bool(detach_view_b)
+        self.temperature = temperature
+        self.softcap = softcap
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+
+    def extra_repr(self) -> str:
+        return (f"ce_weight={self.ce_weight}, divergence={self.divergence!r}, "
+                f"divergence_weight={self.divergence_weight}, margin={self.margin}, "
+                f"entropy_weight={self.entropy_weight}, entropy_view={self.entropy_view!r}, "
+                f"reduction={self.reduction!r}, detach_view_b={self.detach_view_b}")
+
+    # -- the pieces, each on (N,) vectors -------------------------------------------------
+    def divergence_values(self, stats: TwoViewStats) -> Tensor:
+        if self.divergence == "kl":
+            return stats.kl_ab
+        if self.divergence == "reverse_kl":
+            return stats.kl_ba
+        return stats.kl_ab + stats.kl_ba
+
+    def pull_apart(self, d: Tensor) -> Tensor:
+        """φ(D): decreasing in D, bounded by the margin (zero gradient beyond it)."""
+        if self.margin is None:
+            return -d
+        if self.divergence_form == "hinge":
+            return torch.relu(self.margin - d)
+        return -torch.clamp(d, max=self.margin)
+
+    def entropy_values(self, stats: TwoViewStats) -> Tensor:
+        if self.entropy_view == "a":
+            return stats.ent_a
+        if self.entropy_view == "b":
+            return stats.ent_b
+        return stats.ent_a + stats.ent_b
+
+    def entropy_penalty(self, h: Tensor) -> Tensor:
+        t = self.entropy_target
+        if self.entropy_form == "linear":
+            return h
+        if self.entropy_form == "below":
+            return torch.relu(h - t)
+        if self.entropy_form == "above":
+            return torch.relu(t - h)
+        return (h - t) ** 2
+
+    def _stats_kwargs(self) -> dict:
+        return dict(temperature=self.temperature, softcap=self.softcap, ignore_index=self.ignore_index,
+                    backend=self.backend, detach_b=self.detach_view_b, chunk_size=self.chunk_size)
+
+    def _use_fused_chunked(self, h_a: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+        """The compute-minimal path: triton_chunked, a scalar loss, and gradients wanted."""
+        if self.reduction == "none" or not torch.is_grad_enabled():
+            return False
+        if not any(t is not None and t.requires_grad for t in (h_a, weight, bias)):
+            return False
+        return resolve_backend(self.backend, h_a.device) == "triton_chunked"
+
+    def forward(self, h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Tensor,
+                bias: Optional[Tensor] = None, num_items_in_batch=None,
+                token_mask: Optional[Tensor] = None) -> TwoViewLossOutput:
+        """Compute the objective.
+
+        ``labels`` must already be shifted for a causal LM. ``token_mask`` (same shape as
+        labels, bool) restricts the regularised rows when ``regularize="all"``.
+        ``num_items_in_batch`` (int or tensor: labelled tokens over all gradient-accumulation
+        micro-batches, the HF Trainer convention) replaces the per-batch token count.
+        """
+        labels1 = labels.reshape(-1)
+        labelled = labels1 != self.ignore_index
+        if self.regularize == "labelled":
+            reg = labelled
+        elif token_mask is not None:
+            if token_mask.numel() != labels1.numel():
+                raise ValueError(f"token_mask must have the shape of labels {tuple(labels.shape)}, "
+                                 f"got {tuple(token_mask.shape)}")
+            reg = token_mask.reshape(-1).to(torch.bool)
+        else:
+            reg = torch.ones_like(labelled)
+        dtype = torch.float64 if h_a.dtype == torch.float64 else torch.float32
+        lab_f, reg_f = labelled.to(dtype), reg.to(dtype)
+        n_lab, n_reg = lab_f.sum(), reg_f.sum()
+        if self.reduction in ("sum", "none"):
+            den_ce = den_reg = torch.ones((), dtype=dtype, device=lab_f.device)
+        elif num_items_in_batch is not None:
+            den_ce = den_reg = torch.as_tensor(num_items_in_batch, dtype=dtype, device=lab_f.device)
+        elif self.regularize == "labelled":
+            den_ce = den_reg = n_lab.clamp_min(1)
+        else:  # separate normalisers when CE and regulariser cover different rows
+            den_ce, den_reg = n_lab.clamp_min(1), n_reg.clamp_min(1)
+
+        def row_losses(st: TwoViewStats, rows: slice = slice(None)) -> Tensor:
+            """Per-row contributions whose sum is the loss (row-separable by design)."""
+            out = self.ce_weight * st.ce_a / den_ce
+            reg_rows = reg_f[rows]
+            if self.divergence_weight != 0.0:
+                out = out + self.divergence_weight * self.pull_apart(self.divergence_values(st)) * reg_rows / den_reg
+            if self.entropy_weight != 0.0:
+                out = out + self.entropy_weight * self.entropy_penalty(self.entropy_values(st)) * reg_rows / den_reg
+            return out
+
+        fused = self._use_fused_chunked(h_a, weight, bias)
+        if fused:
+            loss, stats = fused_chunked_objective(h_a, h_b, weight, labels, row_losses, bias=bias,
+                                                  **self._stats_kwargs())
+        else:
+            stats = two_view_stats(h_a, h_b, weight, labels, bias=bias, **self._stats_kwargs())
+            per_row = row_losses(stats)
+            loss = per_row if self.reduction == "none" else per_row.sum()
+        with torch.no_grad():
+            div = self.divergence_values(stats)
+            div_term = self.pull_apart(div)
+            ent = self.entropy_values(stats)
+            lab_den, reg_den = n_lab.clamp_min(1), n_reg.clamp_min(1)
+            stats = TwoViewStats(*(x.detach() for x in stats))
+            out = TwoViewLossOutput(
+                loss=loss,
+                ce=(stats.ce_a.detach().sum() / lab_den),
+                divergence=(div.detach() * reg_f).sum() / reg_den,
+                divergence_term=(div_term.detach() * reg_f).sum() / reg_den,
+                entropy=(ent.detach() * reg_f).sum() / reg_den,
+                num_tokens=n_lab.detach(),
+                stats=TwoViewStats(*(s.detach() for s in stats)),
+            )
+        return out
+
+
+def two_view_loss(h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Tensor,
+                  bias: Optional[Tensor] = None, num_items_in_batch=None, **options) -> TwoViewLossOutput:
+    """Functional form of :class:`TwoViewLoss` (``options`` are its constructor arguments)."""
+    return TwoViewLoss(**options)(h_a, h_b, weight, labels, bias=bias,
+                                  num_items_in_batch=num_items_in_batch)

@@ -1,0 +1,227 @@
+"""``two_view_stats``: the six per-row statistics of two views, with backend dispatch.
+
+Any scalar objective is composed from these statistics in plain PyTorch (see
+:mod:`pcr_fast.loss`); the backends only ever see per-row upstream gradients, so they
+never need to know the objective.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .backends.params import StatsParams
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "triton_chunked", "torch", "reference")
+BACKEND_ENV = "PCR_FAST_BACKEND"
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class TwoViewStats(NamedTuple):
+    """Per-row statistics, each (N,) float32 (float64 for float64 inputs).
+
+    ``p_a = softmax(softcap(h_a Wᵀ + b) / T)`` and likewise ``p_b``.
+    ``ce_*`` is 0 where ``labels == ignore_index``; KL and entropy cover every row.
+    """
+
+    ce_a: Tensor
+    ce_b: Tensor
+    kl_ab: Tensor  # KL(p_a || p_b)
+    kl_ba: Tensor  # KL(p_b || p_a)
+    ent_a: Tensor  # H(p_a)
+    ent_b: Tensor  # H(p_b)
+
+
+def triton_available(device: torch.device) -> bool:
+    """True where the Triton kernels can run: CUDA with Triton, or the CPU interpreter."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton is a hard dependency
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``auto`` (or the ``PCR_FAST_BACKEND`` env var) to a concrete backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    if backend.startswith("triton") and not triton_available(device):
+        raise ValueError(
+            f"backend={backend!r} needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
+            f"got a tensor on {device}. Use backend='torch' or 'auto'.")
+    return backend
+
+
+def _check_hidden(name: str, h: Tensor) -> None:
+    if not isinstance(h, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(h).__name__}")
+    if h.dim() not in (2, 3):
+        raise ValueError(f"{name} must have shape (N, D) or (B, T, D), got {tuple(h.shape)}")
+    if h.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {h.dtype}")
+
+
+def validate_inputs(h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Tensor,
+                    bias: Optional[Tensor], temperature: float, softcap: Optional[float],
+                    ignore_index: int):
+    """Check arguments and flatten to (N, D); raise ValueError naming the argument."""
+    _check_hidden("h_a", h_a)
+    _check_hidden("h_b", h_b)
+    if h_a.shape != h_b.shape:
+        raise ValueError(f"h_b must have the shape of h_a {tuple(h_a.shape)}, got {tuple(h_b.shape)}")
+    if h_a.dtype != h_b.dtype:
+        raise ValueError(f"h_b must have the dtype of h_a ({h_a.dtype}), got {h_b.dtype}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a (V, D) tensor, got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"weight must be a floating tensor, got {weight.dtype}")
+    d = h_a.shape[-1]
+    if weight.shape[1] != d:
+        raise ValueError(f"weight must be (V, D) with D={d} (the hidden size of h_a), got {tuple(weight.shape)}")
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be int64 (or int32), got {labels.dtype}")
+    if labels.shape != h_a.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(h_a.shape[:-1])} (h_a without its last dim), "
+                         f"got {tuple(labels.shape)}")
+    devices = {"h_b": h_b.device, "weight": weight.device, "labels": labels.device}
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be a ({weight.shape[0]},) tensor, got "
+                             f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+        devices["bias"] = bias.device
+    for name, dev in devices.items():
+        if dev != h_a.device:
+            raise ValueError(f"{name} must be on the device of h_a ({h_a.device}), got {dev}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive float, got {temperature!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be None or a positive float, got {softcap!r}")
+    h_a2 = h_a.reshape(-1, d)
+    h_b2 = h_b.reshape(-1, d)
+    labels1 = labels.reshape(-1).long()
+    # Range check only where it costs no device sync (CPU); on CUDA an out-of-range label
+    # makes that row's ce NaN inside the kernels instead of a silent wrong value.
+    if labels1.device.type == "cpu" and labels1.numel():
+        bad = (labels1 != ignore_index) & ((labels1 < 0) | (labels1 >= weight.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"labels must lie in [0, {weight.shape[0]}) or equal ignore_index="
+                             f"{ignore_index}; found {labels1[bad][:5].tolist()}")
+    return h_a2, h_b2, labels1
+
+
+def two_view_stats(h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Tensor, *,
+                   bias: Optional[Tensor] = None, temperature: float = 1.0,
+                   softcap: Optional[float] = None, ignore_index: int = -100,
+                   backend: str = "auto", detach_b: bool = False,
+                   chunk_size: Optional[int] = None) -> TwoViewStats:
+    """Per-row CE, KL and entropy of two views through one lm_head, without N×V logits.
+
+    Args:
+        h_a, h_b: hidden states of view a (original) and b (augmented), (N, D) or (B, T, D).
+        weight: lm_head weight (V, D). bias: optional (V,).
+        labels: (N,) or (B, T) targets; ``ignore_index`` rows get ce = 0. Already shifted:
+            for a causal LM, ``labels[t]`` is the token that follows position t.
+        temperature, softcap: ``z = softcap·tanh((hWᵀ+b)/softcap) / temperature``.
+        backend: ``auto``, ``triton`` (fused kernels), ``triton_chunked`` (cuBLAS logits
+            per chunk + a Triton statistics/gradient kernel), ``torch`` (chunked PyTorch),
+            ``reference`` (materialised, float64-capable; tests only).
+        detach_b: treat view b's distribution as a constant (stop-gradient).
+        chunk_size: rows per chunk for the chunked backends.
+    Returns:
+        :class:`TwoViewStats`, each (N,) and differentiable w.r.t. h_a, h_b, weight, bias.
+    """
+    h_a2, h_b2, labels1 = validate_inputs(h_a, h_b, weight, labels, bias, temperature,
+                                          softcap, ignore_index)
+    resolved = resolve_backend(backend, h_a.device)
+    if resolved.startswith("triton") and h_a.dtype == torch.float64:
+        raise ValueError(f"backend={resolved!r} takes float32/bfloat16/float16 h_a; got float64 "
+                         "(use backend='torch' or 'reference' for float64)")
+    params = StatsParams(temperature=float(temperature),
+                         softcap=None if softcap is None else float(softcap),
+                         ignore_index=int(ignore_index), detach_b=bool(detach_b),
+                         chunk_size=int(chunk_size or (4096 if resolved == "triton_chunked" else 1024)))
+    if resolved == "reference":
+        from .backends.reference import reference_two_view_stats
+
+        if detach_b:
+            out = _mix_detached(h_a2, h_b2, weight, bias, labels1, temperature, softcap, ignore_index)
+        else:
+            out = reference_two_view_stats(h_a2, h_b2, weight, labels1, bias, temperature, softcap, ignore_index)
+        dt = torch.float64 if h_a.dtype == torch.float64 else torch.float32
+        return TwoViewStats(*(t.to(dt) for t in out))
+    if resolved == "torch":
+        from .backends.torch_chunked import TorchChunkedStats
+
+        fn = TorchChunkedStats
+    else:
+        from .triton_function import TritonChunkedStats, TritonFusedStats
+
+        fn = TritonFusedStats if resolved == "triton" else TritonChunkedStats
+    out = _opaque_apply(fn, h_a2, h_b2, weight, bias, labels1, params)
+    return TwoViewStats(*out)
+
+
+@torch.compiler.disable
+def _opaque_apply(fn, *args):
+    """Run an autograd Function outside torch.compile's tracing (one clean graph break:
+    the kernels' Python-side chunk loops and launches are not traceable)."""
+    return fn.apply(*args)
+
+
+def _mix_detached(h_a, h_b, weight, bias, labels, temperature, softcap, ignore_index):
+    """Reference with view b's logits computed from detached parameters and inputs."""
+    from .backends.reference import reference_logits
+
+    z_a = reference_logits(h_a, weight, bias, temperature, softcap)
+    z_b = reference_logits(h_b, weight, bias, temperature, softcap).detach()
+    logp, logq = torch.log_softmax(z_a, -1), torch.log_softmax(z_b, -1)
+    p, q = logp.exp(), logq.exp()
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    ce_a = torch.where(valid, -logp.gather(-1, safe).squeeze(-1), zero)
+    ce_b = torch.where(valid, -logq.gather(-1, safe).squeeze(-1), zero)
+    return (ce_a, ce_b, (p * (logp - logq)).sum(-1), (q * (logq - logp)).sum(-1),
+            -(p * logp).sum(-1), -(q * logq).sum(-1))
+
+
+def fused_chunked_objective(h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Tensor, row_losses,
+                            *, bias: Optional[Tensor] = None, temperature: float = 1.0,
+                            softcap: Optional[float] = None, ignore_index: int = -100,
+                            backend: str = "triton_chunked", detach_b: bool = False,
+                            chunk_size: Optional[int] = None):
+    """Compute-minimal ``triton_chunked`` path for a scalar, row-separable objective.
+
+    ``row_losses(stats, rows)`` maps the statistics of a block of rows to their loss
+    contributions (whose sum over all rows is the loss). Because the objective is known in
+    the forward, each chunk's logits are computed once: statistics, then d(loss)/d(stats)
+    by autograd on the (chunk,)-sized objective, then the logit gradient in place and the
+    two gradient matmuls; the backward only scales the stored gradients. Returns
+    ``(loss, detached TwoViewStats)``.
+    """
+    h_a2, h_b2, labels1 = validate_inputs(h_a, h_b, weight, labels, bias, temperature, softcap, ignore_index)
+    if h_a.dtype == torch.float64:
+        raise ValueError("backend='triton_chunked' takes float32/bfloat16/float16 h_a; got float64")
+    params = StatsParams(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
+                         ignore_index=int(ignore_index), detach_b=bool(detach_b),
+                         chunk_size=int(chunk_size or 4096))
+    from .triton_function import TritonChunkedObjective
+
+    loss, table = _opaque_apply(TritonChunkedObjective, h_a2, h_b2, weight, bias, labels1, params, row_losses)
+    return loss, TwoViewStats(*table.unbind(0))

@@ -1,0 +1,195 @@
+"""Autograd Functions over the Triton kernels (the kernels themselves live in pcr_fast.kernels).
+
+Two modes behind :func:`pcr_fast.two_view_stats`:
+
+* ``triton`` (:class:`TritonFusedStats`): the fused forward and the fused recompute
+  backward; extra memory O(N) plus the fp32 gradient accumulators.
+* ``triton_chunked`` (:class:`TritonChunkedStats`): per row chunk, logits by a library
+  matmul (cuBLAS on GPU), a Triton kernel for the statistics, and in the backward a Triton
+  kernel that overwrites the recomputed logits with their gradient before the two gradient
+  matmuls. Memory O(chunk·V); the matmuls run at library speed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends.params import StatsParams
+from .kernels.two_view_bwd import two_view_backward
+from .kernels.two_view_chunked import chunk_grad_in_place, chunk_stats
+from .kernels.two_view_fwd import N_STATS, two_view_forward
+
+
+def _stack_grads(grads, n: int, device) -> Tensor:
+    """Upstream gradients of the six statistics as one (6, N) float32 table (None -> 0)."""
+    cols = [torch.zeros(n, dtype=torch.float32, device=device) if g is None else g.to(torch.float32)
+            for g in grads]
+    return torch.stack(cols)
+
+
+def _split(stats: Tensor):
+    return tuple(stats[k].clone() for k in range(6))
+
+
+def _cast(t: Optional[Tensor], like: Optional[Tensor]):
+    return None if t is None or like is None else t.to(like.dtype)
+
+
+class TritonFusedStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_a, h_b, weight, bias, labels, params: StatsParams):
+        labels = labels.contiguous()
+        stats = two_view_forward(h_a, h_b, weight, bias, labels, inv_temp=1.0 / params.temperature,
+                                 softcap=params.softcap, ignore_index=params.ignore_index)
+        ctx.save_for_backward(h_a, h_b, weight, bias, labels, stats)
+        ctx.params = params
+        ctx.set_materialize_grads(False)
+        return _split(stats)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        h_a, h_b, weight, bias, labels, stats = ctx.saved_tensors
+        p: StatsParams = ctx.params
+        if all(g is None for g in grads):
+            return None, None, None, None, None, None
+        need_ha, need_hb, need_w, need_bias = ctx.needs_input_grad[:4]
+        g = _stack_grads(grads, h_a.shape[0], h_a.device)
+        out = two_view_backward(h_a, h_b, weight, bias, labels, stats, g,
+                                inv_temp=1.0 / p.temperature, softcap=p.softcap,
+                                ignore_index=p.ignore_index, need_b=not p.detach_b,
+                                need_h_a=need_ha, need_h_b=need_hb, need_weight=need_w,
+                                need_bias=need_bias)
+        # with detach_b no gradient reaches h_b (None, as a detached input would get)
+        return (_cast(out.d_h_a, h_a), _cast(out.d_h_b, h_b), _cast(out.d_weight, weight),
+                _cast(out.d_bias, bias), None, None)
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Raw logits of a row chunk in the input precision (a library matmul)."""
+    w = weight.to(h.dtype)
+    if bias is not None:
+        return torch.addmm(bias.to(h.dtype), h, w.T)
+    return h @ w.T
+
+
+class TritonChunkedStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_a, h_b, weight, bias, labels, params: StatsParams):
+        n = h_a.shape[0]
+        labels = labels.contiguous()
+        stats = torch.empty((N_STATS, n), dtype=torch.float32, device=h_a.device)
+        for start in range(0, n, params.chunk_size):
+            end = min(n, start + params.chunk_size)
+            s_a = _chunk_logits(h_a[start:end], weight, bias)
+            s_b = _chunk_logits(h_b[start:end], weight, bias)
+            chunk_stats(s_a, s_b, labels[start:end], stats[:, start:end],
+                        inv_temp=1.0 / params.temperature, softcap=params.softcap,
+                        ignore_index=params.ignore_index)
+        ctx.save_for_backward(h_a, h_b, weight, bias, labels, stats)
+        ctx.params = params
+        ctx.set_materialize_grads(False)
+        return _split(stats)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        h_a, h_b, weight, bias, labels, stats = ctx.saved_tensors
+        p: StatsParams = ctx.params
+        if all(g is None for g in grads):
+            return None, None, None, None, None, None
+        need_ha, need_hb, need_w, need_bias = ctx.needs_input_grad[:4]
+        need_b = not p.detach_b
+        n = h_a.shape[0]
+        g = _stack_grads(grads, n, h_a.device)
+        d_ha = torch.empty_like(h_a) if need_ha else None
+        d_hb = torch.empty_like(h_b) if need_hb and need_b else None
+        d_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        w = weight.to(h_a.dtype)
+        for start in range(0, n, p.chunk_size):
+            end = min(n, start + p.chunk_size)
+            s_a = _chunk_logits(h_a[start:end], weight, bias)
+            s_b = _chunk_logits(h_b[start:end], weight, bias)
+            chunk_grad_in_place(s_a, s_b, labels[start:end], stats[:, start:end], g[:, start:end],
+                                inv_temp=1.0 / p.temperature, softcap=p.softcap,
+                                ignore_index=p.ignore_index, need_b=need_b)
+            if d_ha is not None:
+                d_ha[start:end] = s_a @ w
+            if d_hb is not None:
+                d_hb[start:end] = s_b @ w
+            if d_w is not None:
+                d_w += (s_a.T @ h_a[start:end]).float()
+                if need_b:
+                    d_w += (s_b.T @ h_b[start:end]).float()
+            if d_bias is not None:
+                d_bias += s_a.float().sum(0)
+                if need_b:
+                    d_bias += s_b.float().sum(0)
+        return (d_ha, d_hb, _cast(d_w, weight), _cast(d_bias, bias), None, None)
+
+
+class TritonChunkedObjective(torch.autograd.Function):
+    """Forward computes the loss AND its gradients chunk by chunk (no recompute).
+
+    See :func:`pcr_fast.stats.fused_chunked_objective`. Saved for the backward: dh_a, dh_b,
+    dW (fp32), dbias — the gradients themselves, scaled there by the upstream scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, h_a, h_b, weight, bias, labels, params: StatsParams, row_losses):
+        need_ha, need_hb, need_w, need_bias = ctx.needs_input_grad[:4]
+        need_b = not params.detach_b
+        n = h_a.shape[0]
+        labels = labels.contiguous()
+        table = torch.empty((N_STATS, n), dtype=torch.float32, device=h_a.device)
+        total = torch.zeros((), dtype=torch.float32, device=h_a.device)
+        d_ha = torch.empty_like(h_a) if need_ha else None
+        d_hb = torch.empty_like(h_b) if need_hb and need_b else None
+        d_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        w = weight.to(h_a.dtype)
+        for start in range(0, n, params.chunk_size):
+            end = min(n, start + params.chunk_size)
+            rows = slice(start, end)
+            s_a = _chunk_logits(h_a[rows], weight, bias)
+            s_b = _chunk_logits(h_b[rows], weight, bias)
+            chunk_table = table[:, rows]
+            chunk_stats(s_a, s_b, labels[rows], chunk_table, inv_temp=1.0 / params.temperature,
+                        softcap=params.softcap, ignore_index=params.ignore_index)
+            with torch.enable_grad():
+                leaves = chunk_table[:6].detach().clone().requires_grad_()
+                from .stats import TwoViewStats
+
+                part = row_losses(TwoViewStats(*leaves.unbind(0)), rows).sum()
+                (g,) = torch.autograd.grad(part, [leaves], allow_unused=False)
+            total = total + part.detach()
+            chunk_grad_in_place(s_a, s_b, labels[rows], chunk_table, g, inv_temp=1.0 / params.temperature,
+                                softcap=params.softcap, ignore_index=params.ignore_index, need_b=need_b)
+            if d_ha is not None:
+                d_ha[rows] = s_a @ w
+            if d_hb is not None:
+                d_hb[rows] = s_b @ w
+            if d_w is not None:
+                d_w += (s_a.T @ h_a[rows]).float()
+                if need_b:
+                    d_w += (s_b.T @ h_b[rows]).float()
+            if d_bias is not None:
+                d_bias += s_a.float().sum(0)
+                if need_b:
+                    d_bias += s_b.float().sum(0)
+        ctx.save_for_backward(d_ha, d_hb, d_w, d_bias)
+        ctx.dtypes = (h_a.dtype, h_b.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(table)
+        return total, table[:6].clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_table):
+        d_ha, d_hb, d_w, d_bias = ctx.saved_tensors
+        dts = ctx.dtypes
+
+        def scaled(t, dt):
+            return None if t is None else (t * grad_loss).to(dt)
+
+        return (scaled(d_ha, dts[0]), scaled(d_hb, dts[1]), scaled(d_w, dts[2]),
+                scaled(d_bias, dts[3]) if dts[3] is not None else None, None, None, None)

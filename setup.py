@@ -1,0 +1,49 @@
+"""pcr_fast: fused Triton kernels for PCR backdoor-defense fine-tuning of multimodal LLMs.
+
+The Triton kernels live in the top-level ``kernels/`` folder of the repository but are
+installed as ``pcr_fast.kernels`` (never as a top-level ``kernels`` module: that name
+belongs to Hugging Face's ``kernels`` package, which transformers imports).
+"""
+from setuptools import setup
+
+PACKAGES = [
+    "pcr_fast",
+    "pcr_fast.backends",
+    "pcr_fast.hf",
+    "pcr_fast.eval",
+    "pcr_fast.kernels",
+]
+
+setup(
+    name="pcr_fast",
+    version="0.1.0",
+    description="Fused Triton kernels and an HF integration for PCR backdoor-defense fine-tuning",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir={"pcr_fast.kernels": "kernels"},
+    install_requires=[
+        # torch: any 2.x >= 2.4 (tested: 2.13.0 CPU, 2.11.0 CUDA). On a CPU-only machine
+        # install torch==2.13.0 first (the Makefile does) so pip does not pull a CUDA build.
+        "torch>=2.4",
+        "triton>=3.3",  # tested: 3.9.0 (CPU interpreter), 3.6.0 (H100)
+        # transformers: tested range 5.17 .. 5.23 (the 5.x API is what pcr_fast.hf targets)
+        "transformers>=5.0,<6",
+        "peft>=0.17",
+        "accelerate>=1.0",
+        "tokenizers>=0.21",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "scikit-learn",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=5", "hypothesis>=6", "pytest-timeout"],
+        "bench": ["pytest-benchmark>=5", "matplotlib"],
+        "peers": ["liger-kernel", "cut-cross-entropy", "kornia"],
+        "trl": ["trl"],
+        "gpu": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["pcr-fast=pcr_fast.cli:main"]},
+)
