@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .two_view_common import grad_scaled_logits, scale_logits
+from .two_view_common import grad_tiles, logit_tiles, scale_logits
 from .two_view_fwd import TileConfig, dot_mode, interpreting
 
 
@@ -42,50 +42,16 @@ def _two_view_bwd_kernel(
     softcap = tl.cast(softcap, tl.float32)
 
     # 1. recompute both views' logit tiles
-    acc_a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    acc_b = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-        d_mask = dd < D
-        h_mask = row_mask[:, None] & d_mask[None, :]
-        xa = tl.load(ha_ptr + rows[:, None] * stride_ha_n + dd[None, :] * stride_ha_d, mask=h_mask, other=0.0)
-        xb = tl.load(hb_ptr + rows[:, None] * stride_hb_n + dd[None, :] * stride_hb_d, mask=h_mask, other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * stride_w_v + dd[:, None] * stride_w_d,
-                    mask=d_mask[:, None] & col_mask[None, :], other=0.0)
-        if DOT_FP32:
-            xa = xa.to(tl.float32)
-            xb = xb.to(tl.float32)
-            w = w.to(tl.float32)
-        else:
-            w = w.to(xa.dtype)
-        acc_a = tl.dot(xa, w, acc_a, input_precision=PRECISION)
-        acc_b = tl.dot(xb, w, acc_b, input_precision=PRECISION)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        acc_a += bias[None, :]
-        acc_b += bias[None, :]
+    acc_a, acc_b = logit_tiles(ha_ptr, hb_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, D,
+                               stride_ha_n, stride_ha_d, stride_hb_n, stride_hb_d, stride_w_v,
+                               stride_w_d, HAS_BIAS, DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
     z_a, cap_a = scale_logits(acc_a, softcap, inv_temp, HAS_SOFTCAP)
     z_b, cap_b = scale_logits(acc_b, softcap, inv_temp, HAS_SOFTCAP)
 
     # 2. gradient of the raw logits
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
-    lse_a = tl.load(stats_ptr + 6 * N + rows, mask=row_mask, other=0.0)
-    lse_b = tl.load(stats_ptr + 7 * N + rows, mask=row_mask, other=0.0)
-    kl_ab = tl.load(stats_ptr + 2 * N + rows, mask=row_mask, other=0.0)
-    kl_ba = tl.load(stats_ptr + 3 * N + rows, mask=row_mask, other=0.0)
-    ent_a = tl.load(stats_ptr + 4 * N + rows, mask=row_mask, other=0.0)
-    ent_b = tl.load(stats_ptr + 5 * N + rows, mask=row_mask, other=0.0)
-    g_row = grads_ptr + rows * stride_g_n
-    valid = (labels != ignore_index) & row_mask
-    g_ce_a = tl.where(valid, tl.load(g_row + 0 * stride_g_k, mask=row_mask, other=0.0), 0.0)
-    g_ce_b = tl.where(valid, tl.load(g_row + 1 * stride_g_k, mask=row_mask, other=0.0), 0.0)
-    g_kl_ab = tl.load(g_row + 2 * stride_g_k, mask=row_mask, other=0.0)
-    g_kl_ba = tl.load(g_row + 3 * stride_g_k, mask=row_mask, other=0.0)
-    g_ent_a = tl.load(g_row + 4 * stride_g_k, mask=row_mask, other=0.0)
-    g_ent_b = tl.load(g_row + 5 * stride_g_k, mask=row_mask, other=0.0)
-    onehot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
-    g_a, g_b = grad_scaled_logits(z_a, z_b, onehot, lse_a, lse_b, kl_ab, kl_ba, ent_a, ent_b,
-                                  g_ce_a, g_ce_b, g_kl_ab, g_kl_ba, g_ent_a, g_ent_b, NEED_B)
+    g_a, g_b = grad_tiles(z_a, z_b, cols, col_mask, rows, row_mask, labels, ignore_index,
+                          stats_ptr, N, grads_ptr, stride_g_k, stride_g_n, NEED_B)
     tile_mask = row_mask[:, None] & col_mask[None, :]
     g_a = tl.where(tile_mask, g_a * cap_a * inv_temp, 0.0)
     g_b = tl.where(tile_mask, g_b * cap_b * inv_temp, 0.0)

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .two_view_common import finalize_stats, grad_scaled_logits, online_update, scale_logits
+from .two_view_common import (empty_state, finalize_stats, fold_views, grad_tiles, scale_logits,
+                              store_stats)
 from .two_view_fwd import interpreting
 
 
@@ -30,39 +31,20 @@ def _chunk_stats_kernel(
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
     inv_temp = tl.cast(inv_temp, tl.float32)
     softcap = tl.cast(softcap, tl.float32)
-    m_a = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s_a = tl.zeros((BLOCK_N,), tl.float32)
-    s_b = tl.zeros((BLOCK_N,), tl.float32)
-    t_a = tl.zeros((BLOCK_N,), tl.float32)
-    t_b = tl.zeros((BLOCK_N,), tl.float32)
-    d_a = tl.zeros((BLOCK_N,), tl.float32)
-    d_b = tl.zeros((BLOCK_N,), tl.float32)
-    zy_a = tl.zeros((BLOCK_N,), tl.float32)
-    zy_b = tl.zeros((BLOCK_N,), tl.float32)
+    m_a, s_a, t_a, d_a, zy_a = empty_state(BLOCK_N)
+    m_b, s_b, t_b, d_b, zy_b = empty_state(BLOCK_N)
     for v0 in range(0, V, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_mask = cols < V
         mask = row_mask[:, None] & col_mask[None, :]
         raw_a = tl.load(sa_ptr + rows[:, None] * stride_sa + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         raw_b = tl.load(sb_ptr + rows[:, None] * stride_sb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        z_a, _ = scale_logits(raw_a, softcap, inv_temp, HAS_SOFTCAP)
-        z_b, _ = scale_logits(raw_b, softcap, inv_temp, HAS_SOFTCAP)
-        m_a, s_a, t_a, d_a = online_update(m_a, s_a, t_a, d_a, z_a, z_b, col_mask)
-        m_b, s_b, t_b, d_b = online_update(m_b, s_b, t_b, d_b, z_b, z_a, col_mask)
-        hit = (cols[None, :] == labels[:, None]) & col_mask[None, :]
-        zy_a += tl.sum(tl.where(hit, z_a, 0.0), axis=1)
-        zy_b += tl.sum(tl.where(hit, z_b, 0.0), axis=1)
+        m_a, s_a, t_a, d_a, zy_a, m_b, s_b, t_b, d_b, zy_b = fold_views(
+            m_a, s_a, t_a, d_a, zy_a, m_b, s_b, t_b, d_b, zy_b, raw_a, raw_b, cols, col_mask,
+            labels, softcap, inv_temp, HAS_SOFTCAP)
     ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b, lse_a, lse_b = finalize_stats(
         m_a, s_a, t_a, d_a, zy_a, m_b, s_b, t_b, d_b, zy_b, labels, V, ignore_index)
-    tl.store(stats_ptr + 0 * stride_stats + rows, ce_a, mask=row_mask)
-    tl.store(stats_ptr + 1 * stride_stats + rows, ce_b, mask=row_mask)
-    tl.store(stats_ptr + 2 * stride_stats + rows, kl_ab, mask=row_mask)
-    tl.store(stats_ptr + 3 * stride_stats + rows, kl_ba, mask=row_mask)
-    tl.store(stats_ptr + 4 * stride_stats + rows, ent_a, mask=row_mask)
-    tl.store(stats_ptr + 5 * stride_stats + rows, ent_b, mask=row_mask)
-    tl.store(stats_ptr + 6 * stride_stats + rows, lse_a, mask=row_mask)
-    tl.store(stats_ptr + 7 * stride_stats + rows, lse_b, mask=row_mask)
+    store_stats(stats_ptr, stride_stats, rows, row_mask, ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b, lse_a, lse_b)
 
 
 @triton.jit
@@ -89,23 +71,8 @@ def _chunk_grad_kernel(
     z_a, cap_a = scale_logits(raw_a, softcap, inv_temp, HAS_SOFTCAP)
     z_b, cap_b = scale_logits(raw_b, softcap, inv_temp, HAS_SOFTCAP)
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
-    kl_ab = tl.load(stats_ptr + 2 * stride_stats + rows, mask=row_mask, other=0.0)
-    kl_ba = tl.load(stats_ptr + 3 * stride_stats + rows, mask=row_mask, other=0.0)
-    ent_a = tl.load(stats_ptr + 4 * stride_stats + rows, mask=row_mask, other=0.0)
-    ent_b = tl.load(stats_ptr + 5 * stride_stats + rows, mask=row_mask, other=0.0)
-    lse_a = tl.load(stats_ptr + 6 * stride_stats + rows, mask=row_mask, other=0.0)
-    lse_b = tl.load(stats_ptr + 7 * stride_stats + rows, mask=row_mask, other=0.0)
-    g_row = grads_ptr + rows * stride_g_n
-    valid = (labels != ignore_index) & row_mask
-    g_ce_a = tl.where(valid, tl.load(g_row + 0 * stride_g_k, mask=row_mask, other=0.0), 0.0)
-    g_ce_b = tl.where(valid, tl.load(g_row + 1 * stride_g_k, mask=row_mask, other=0.0), 0.0)
-    g_kl_ab = tl.load(g_row + 2 * stride_g_k, mask=row_mask, other=0.0)
-    g_kl_ba = tl.load(g_row + 3 * stride_g_k, mask=row_mask, other=0.0)
-    g_ent_a = tl.load(g_row + 4 * stride_g_k, mask=row_mask, other=0.0)
-    g_ent_b = tl.load(g_row + 5 * stride_g_k, mask=row_mask, other=0.0)
-    onehot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
-    g_a, g_b = grad_scaled_logits(z_a, z_b, onehot, lse_a, lse_b, kl_ab, kl_ba, ent_a, ent_b,
-                                  g_ce_a, g_ce_b, g_kl_ab, g_kl_ba, g_ent_a, g_ent_b, NEED_B)
+    g_a, g_b = grad_tiles(z_a, z_b, cols, col_mask, rows, row_mask, labels, ignore_index,
+                          stats_ptr, stride_stats, grads_ptr, stride_g_k, stride_g_n, NEED_B)
     tl.store(pa, (g_a * cap_a * inv_temp).to(sa_ptr.dtype.element_ty), mask=mask)
     if NEED_B:
         tl.store(pb, (g_b * cap_b * inv_temp).to(sb_ptr.dtype.element_ty), mask=mask)

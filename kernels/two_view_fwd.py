@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .two_view_common import finalize_stats, online_update, scale_logits
+from .two_view_common import empty_state, finalize_stats, fold_views, logit_tiles, store_stats
 
 N_STATS = 8  # six statistics + the two log-sum-exps the backward needs
 
@@ -53,60 +53,21 @@ def _two_view_fwd_kernel(
     inv_temp = tl.cast(inv_temp, tl.float32)
     softcap = tl.cast(softcap, tl.float32)
 
-    m_a = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s_a = tl.zeros((BLOCK_N,), tl.float32)
-    s_b = tl.zeros((BLOCK_N,), tl.float32)
-    t_a = tl.zeros((BLOCK_N,), tl.float32)
-    t_b = tl.zeros((BLOCK_N,), tl.float32)
-    d_a = tl.zeros((BLOCK_N,), tl.float32)
-    d_b = tl.zeros((BLOCK_N,), tl.float32)
-    zy_a = tl.zeros((BLOCK_N,), tl.float32)
-    zy_b = tl.zeros((BLOCK_N,), tl.float32)
-
+    m_a, s_a, t_a, d_a, zy_a = empty_state(BLOCK_N)
+    m_b, s_b, t_b, d_b, zy_b = empty_state(BLOCK_N)
     for v0 in range(0, V, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_mask = cols < V
-        acc_a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        acc_b = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-            d_mask = dd < D
-            h_mask = row_mask[:, None] & d_mask[None, :]
-            xa = tl.load(ha_ptr + rows[:, None] * stride_ha_n + dd[None, :] * stride_ha_d, mask=h_mask, other=0.0)
-            xb = tl.load(hb_ptr + rows[:, None] * stride_hb_n + dd[None, :] * stride_hb_d, mask=h_mask, other=0.0)
-            w = tl.load(w_ptr + cols[None, :] * stride_w_v + dd[:, None] * stride_w_d,
-                        mask=d_mask[:, None] & col_mask[None, :], other=0.0)
-            if DOT_FP32:
-                xa = xa.to(tl.float32)
-                xb = xb.to(tl.float32)
-                w = w.to(tl.float32)
-            else:
-                w = w.to(xa.dtype)
-            acc_a = tl.dot(xa, w, acc_a, input_precision=PRECISION)
-            acc_b = tl.dot(xb, w, acc_b, input_precision=PRECISION)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            acc_a += bias[None, :]
-            acc_b += bias[None, :]
-        z_a, _ = scale_logits(acc_a, softcap, inv_temp, HAS_SOFTCAP)
-        z_b, _ = scale_logits(acc_b, softcap, inv_temp, HAS_SOFTCAP)
-        m_a, s_a, t_a, d_a = online_update(m_a, s_a, t_a, d_a, z_a, z_b, col_mask)
-        m_b, s_b, t_b, d_b = online_update(m_b, s_b, t_b, d_b, z_b, z_a, col_mask)
-        hit = (cols[None, :] == labels[:, None]) & col_mask[None, :]
-        zy_a += tl.sum(tl.where(hit, z_a, 0.0), axis=1)
-        zy_b += tl.sum(tl.where(hit, z_b, 0.0), axis=1)
+        acc_a, acc_b = logit_tiles(ha_ptr, hb_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, D,
+                                   stride_ha_n, stride_ha_d, stride_hb_n, stride_hb_d, stride_w_v,
+                                   stride_w_d, HAS_BIAS, DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+        m_a, s_a, t_a, d_a, zy_a, m_b, s_b, t_b, d_b, zy_b = fold_views(
+            m_a, s_a, t_a, d_a, zy_a, m_b, s_b, t_b, d_b, zy_b, acc_a, acc_b, cols, col_mask,
+            labels, softcap, inv_temp, HAS_SOFTCAP)
 
     ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b, lse_a, lse_b = finalize_stats(
         m_a, s_a, t_a, d_a, zy_a, m_b, s_b, t_b, d_b, zy_b, labels, V, ignore_index)
-    tl.store(stats_ptr + 0 * N + rows, ce_a, mask=row_mask)
-    tl.store(stats_ptr + 1 * N + rows, ce_b, mask=row_mask)
-    tl.store(stats_ptr + 2 * N + rows, kl_ab, mask=row_mask)
-    tl.store(stats_ptr + 3 * N + rows, kl_ba, mask=row_mask)
-    tl.store(stats_ptr + 4 * N + rows, ent_a, mask=row_mask)
-    tl.store(stats_ptr + 5 * N + rows, ent_b, mask=row_mask)
-    tl.store(stats_ptr + 6 * N + rows, lse_a, mask=row_mask)
-    tl.store(stats_ptr + 7 * N + rows, lse_b, mask=row_mask)
+    store_stats(stats_ptr, N, rows, row_mask, ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b, lse_a, lse_b)
 
 
 def dot_mode(dtype: torch.dtype) -> tuple[bool, str]:

@@ -65,6 +65,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def default_chunk_size(backend: str, vocab: int, device: torch.device) -> int:
+    """Rows per chunk so one (chunk × V) fp32 buffer stays ~16 MiB on CPU, ~256 MiB on GPU
+    (large enough there for the matmuls to run at library speed)."""
+    budget = (1 << 22) if device.type == "cpu" else (1 << 26)
+    return int(max(16, min(8192, budget // max(1, vocab))))
+
+
 def _check_hidden(name: str, h: Tensor) -> None:
     if not isinstance(h, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(h).__name__}")
@@ -155,7 +162,7 @@ def two_view_stats(h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Tensor, *,
     params = StatsParams(temperature=float(temperature),
                          softcap=None if softcap is None else float(softcap),
                          ignore_index=int(ignore_index), detach_b=bool(detach_b),
-                         chunk_size=int(chunk_size or (4096 if resolved == "triton_chunked" else 1024)))
+                         chunk_size=int(chunk_size or default_chunk_size(resolved, weight.shape[0], h_a.device)))
     if resolved == "reference":
         from .backends.reference import reference_two_view_stats
 
@@ -220,7 +227,7 @@ def fused_chunked_objective(h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Te
         raise ValueError("backend='triton_chunked' takes float32/bfloat16/float16 h_a; got float64")
     params = StatsParams(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
                          ignore_index=int(ignore_index), detach_b=bool(detach_b),
-                         chunk_size=int(chunk_size or 4096))
+                         chunk_size=int(chunk_size or default_chunk_size("triton_chunked", weight.shape[0], h_a.device)))
     from .triton_function import TritonChunkedObjective
 
     loss, table = _opaque_apply(TritonChunkedObjective, h_a2, h_b2, weight, bias, labels1, params, row_losses)

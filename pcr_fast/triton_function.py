@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .backends.params import StatsParams
+from .stats import TwoViewStats
 from .kernels.two_view_bwd import two_view_backward
 from .kernels.two_view_chunked import chunk_grad_in_place, chunk_stats
 from .kernels.two_view_fwd import N_STATS, two_view_forward
@@ -43,19 +44,15 @@ class TritonFusedStats(torch.autograd.Function):
         labels = labels.contiguous()
         stats = two_view_forward(h_a, h_b, weight, bias, labels, inv_temp=1.0 / params.temperature,
                                  softcap=params.softcap, ignore_index=params.ignore_index)
-        ctx.save_for_backward(h_a, h_b, weight, bias, labels, stats)
-        ctx.params = params
-        ctx.set_materialize_grads(False)
+        _save_stats_ctx(ctx, (h_a, h_b, weight, bias, labels, stats), params)
         return _split(stats)
 
     @staticmethod
     def backward(ctx, *grads):
-        h_a, h_b, weight, bias, labels, stats = ctx.saved_tensors
-        p: StatsParams = ctx.params
         if all(g is None for g in grads):
             return None, None, None, None, None, None
+        (h_a, h_b, weight, bias, labels, stats), p, g = _unpack_backward(ctx, grads)
         need_ha, need_hb, need_w, need_bias = ctx.needs_input_grad[:4]
-        g = _stack_grads(grads, h_a.shape[0], h_a.device)
         out = two_view_backward(h_a, h_b, weight, bias, labels, stats, g,
                                 inv_temp=1.0 / p.temperature, softcap=p.softcap,
                                 ignore_index=p.ignore_index, need_b=not p.detach_b,
@@ -64,6 +61,43 @@ class TritonFusedStats(torch.autograd.Function):
         # with detach_b no gradient reaches h_b (None, as a detached input would get)
         return (_cast(out.d_h_a, h_a), _cast(out.d_h_b, h_b), _cast(out.d_weight, weight),
                 _cast(out.d_bias, bias), None, None)
+
+
+def _chunk_grad_matmuls(g_a: Tensor, g_b: Optional[Tensor], rows: slice, h_a: Tensor, h_b: Tensor,
+                        w: Tensor, d_ha, d_hb, d_w, d_bias) -> None:
+    """dh = g W for the chunk's rows; dW += gᵀ h and dbias += Σ g (fp32 accumulators)."""
+    if d_ha is not None:
+        d_ha[rows] = g_a @ w
+    if d_hb is not None and g_b is not None:
+        d_hb[rows] = g_b @ w
+    if d_w is not None:
+        d_w += (g_a.T @ h_a[rows]).float()
+        if g_b is not None:
+            d_w += (g_b.T @ h_b[rows]).float()
+    if d_bias is not None:
+        d_bias += g_a.float().sum(0)
+        if g_b is not None:
+            d_bias += g_b.float().sum(0)
+
+
+def _chunk_grad_buffers(h_a, h_b, weight, need_ha, need_hb, need_w, need_bias, need_b):
+    return (torch.empty_like(h_a) if need_ha else None,
+            torch.zeros_like(h_b) if need_hb and need_b else None,
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None,
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None)
+
+
+def _unpack_backward(ctx, grads):
+    """Saved tensors, params and the (6, N) upstream-gradient table of a stats Function."""
+    saved = ctx.saved_tensors
+    h_a = saved[0]
+    return saved, ctx.params, _stack_grads(grads, h_a.shape[0], h_a.device)
+
+
+def _save_stats_ctx(ctx, tensors, params):
+    ctx.save_for_backward(*tensors)
+    ctx.params = params
+    ctx.set_materialize_grads(False)
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -87,45 +121,28 @@ class TritonChunkedStats(torch.autograd.Function):
             chunk_stats(s_a, s_b, labels[start:end], stats[:, start:end],
                         inv_temp=1.0 / params.temperature, softcap=params.softcap,
                         ignore_index=params.ignore_index)
-        ctx.save_for_backward(h_a, h_b, weight, bias, labels, stats)
-        ctx.params = params
-        ctx.set_materialize_grads(False)
+        _save_stats_ctx(ctx, (h_a, h_b, weight, bias, labels, stats), params)
         return _split(stats)
 
     @staticmethod
     def backward(ctx, *grads):
-        h_a, h_b, weight, bias, labels, stats = ctx.saved_tensors
-        p: StatsParams = ctx.params
         if all(g is None for g in grads):
             return None, None, None, None, None, None
+        (h_a, h_b, weight, bias, labels, stats), p, g = _unpack_backward(ctx, grads)
         need_ha, need_hb, need_w, need_bias = ctx.needs_input_grad[:4]
         need_b = not p.detach_b
         n = h_a.shape[0]
-        g = _stack_grads(grads, n, h_a.device)
-        d_ha = torch.empty_like(h_a) if need_ha else None
-        d_hb = torch.empty_like(h_b) if need_hb and need_b else None
-        d_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        d_ha, d_hb, d_w, d_bias = _chunk_grad_buffers(h_a, h_b, weight, need_ha, need_hb, need_w,
+                                                      need_bias, need_b)
         w = weight.to(h_a.dtype)
         for start in range(0, n, p.chunk_size):
-            end = min(n, start + p.chunk_size)
-            s_a = _chunk_logits(h_a[start:end], weight, bias)
-            s_b = _chunk_logits(h_b[start:end], weight, bias)
-            chunk_grad_in_place(s_a, s_b, labels[start:end], stats[:, start:end], g[:, start:end],
+            rows = slice(start, min(n, start + p.chunk_size))
+            s_a = _chunk_logits(h_a[rows], weight, bias)
+            s_b = _chunk_logits(h_b[rows], weight, bias)
+            chunk_grad_in_place(s_a, s_b, labels[rows], stats[:, rows], g[:, rows],
                                 inv_temp=1.0 / p.temperature, softcap=p.softcap,
                                 ignore_index=p.ignore_index, need_b=need_b)
-            if d_ha is not None:
-                d_ha[start:end] = s_a @ w
-            if d_hb is not None:
-                d_hb[start:end] = s_b @ w
-            if d_w is not None:
-                d_w += (s_a.T @ h_a[start:end]).float()
-                if need_b:
-                    d_w += (s_b.T @ h_b[start:end]).float()
-            if d_bias is not None:
-                d_bias += s_a.float().sum(0)
-                if need_b:
-                    d_bias += s_b.float().sum(0)
+            _chunk_grad_matmuls(s_a, s_b if need_b else None, rows, h_a, h_b, w, d_ha, d_hb, d_w, d_bias)
         return (d_ha, d_hb, _cast(d_w, weight), _cast(d_bias, bias), None, None)
 
 
@@ -144,14 +161,11 @@ class TritonChunkedObjective(torch.autograd.Function):
         labels = labels.contiguous()
         table = torch.empty((N_STATS, n), dtype=torch.float32, device=h_a.device)
         total = torch.zeros((), dtype=torch.float32, device=h_a.device)
-        d_ha = torch.empty_like(h_a) if need_ha else None
-        d_hb = torch.empty_like(h_b) if need_hb and need_b else None
-        d_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        d_ha, d_hb, d_w, d_bias = _chunk_grad_buffers(h_a, h_b, weight, need_ha, need_hb, need_w,
+                                                      need_bias, need_b)
         w = weight.to(h_a.dtype)
         for start in range(0, n, params.chunk_size):
-            end = min(n, start + params.chunk_size)
-            rows = slice(start, end)
+            rows = slice(start, min(n, start + params.chunk_size))
             s_a = _chunk_logits(h_a[rows], weight, bias)
             s_b = _chunk_logits(h_b[rows], weight, bias)
             chunk_table = table[:, rows]
@@ -159,29 +173,17 @@ class TritonChunkedObjective(torch.autograd.Function):
                         softcap=params.softcap, ignore_index=params.ignore_index)
             with torch.enable_grad():
                 leaves = chunk_table[:6].detach().clone().requires_grad_()
-                from .stats import TwoViewStats
-
                 part = row_losses(TwoViewStats(*leaves.unbind(0)), rows).sum()
-                (g,) = torch.autograd.grad(part, [leaves], allow_unused=False)
+                (g,) = torch.autograd.grad(part, [leaves])
             total = total + part.detach()
             chunk_grad_in_place(s_a, s_b, labels[rows], chunk_table, g, inv_temp=1.0 / params.temperature,
                                 softcap=params.softcap, ignore_index=params.ignore_index, need_b=need_b)
-            if d_ha is not None:
-                d_ha[rows] = s_a @ w
-            if d_hb is not None:
-                d_hb[rows] = s_b @ w
-            if d_w is not None:
-                d_w += (s_a.T @ h_a[rows]).float()
-                if need_b:
-                    d_w += (s_b.T @ h_b[rows]).float()
-            if d_bias is not None:
-                d_bias += s_a.float().sum(0)
-                if need_b:
-                    d_bias += s_b.float().sum(0)
+            _chunk_grad_matmuls(s_a, s_b if need_b else None, rows, h_a, h_b, w, d_ha, d_hb, d_w, d_bias)
         ctx.save_for_backward(d_ha, d_hb, d_w, d_bias)
         ctx.dtypes = (h_a.dtype, h_b.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(table)
-        return total, table[:6].clone()
+        stats6 = table[:6].clone()
+        ctx.mark_non_differentiable(stats6)
+        return total, stats6
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_table):

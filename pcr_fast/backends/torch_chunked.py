@@ -37,76 +37,100 @@ def capped_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], params: Sta
 
 
 def rows_stats(z_a: Tensor, z_b: Tensor, labels: Tensor, ignore_index: int):
-    """Six statistics plus ``lse_a, lse_b`` for a block of rows of scaled logits."""
+    """Six statistics plus ``lse_a, lse_b`` for a block of rows of scaled logits.
+
+    Consumes ``z_a``/``z_b`` (overwritten in place) so a chunk needs only two more
+    (rows × V) temporaries, the probabilities.
+    """
+    valid = labels != ignore_index
+    in_range = (labels >= 0) & (labels < z_a.shape[1])
+    safe = torch.where(valid & in_range, labels, torch.zeros_like(labels))[:, None]
+    zy_a = z_a.gather(1, safe)[:, 0]
+    zy_b = z_b.gather(1, safe)[:, 0]
     lse_a = torch.logsumexp(z_a, dim=-1)
     lse_b = torch.logsumexp(z_b, dim=-1)
-    logp = z_a - lse_a[:, None]
-    logq = z_b - lse_b[:, None]
-    p, q = logp.exp(), logq.exp()
-    diff = logp - logq
-    kl_ab = (p * diff).sum(-1)
-    kl_ba = -(q * diff).sum(-1)
-    ent_a = -(p * logp).sum(-1)
-    ent_b = -(q * logq).sum(-1)
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels))[:, None]
+    # softmax normalises by the exact Σe^{z−m}; exp(z − lse) need not sum to 1 in fp32
+    # when lse rounds (peaked rows with large logits), which would bias KL and H.
+    p = torch.softmax(z_a, dim=-1)
+    q = torch.softmax(z_b, dim=-1)
+    logp = z_a.sub_(lse_a[:, None])
+    logq = z_b.sub_(lse_b[:, None])
+    ent_a = -torch.linalg.vecdot(p, logp)
+    ent_b = -torch.linalg.vecdot(q, logq)
+    diff = logp.sub_(logq)
+    kl_ab = torch.linalg.vecdot(p, diff)
+    kl_ba = -torch.linalg.vecdot(q, diff)
     zero = torch.zeros((), dtype=z_a.dtype, device=z_a.device)
-    ce_a = torch.where(valid, lse_a - z_a.gather(1, safe)[:, 0], zero)
-    ce_b = torch.where(valid, lse_b - z_b.gather(1, safe)[:, 0], zero)
+    nan = torch.full((), float("nan"), dtype=z_a.dtype, device=z_a.device)
+    # out-of-range labels (only reachable on CUDA, where checking would sync) give NaN
+    ce_a = torch.where(valid, torch.where(in_range, lse_a - zy_a, nan), zero)
+    ce_b = torch.where(valid, torch.where(in_range, lse_b - zy_b, nan), zero)
     return (ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b), lse_a, lse_b
 
 
+def _zero_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
 def rows_grad_logits(z_a: Tensor, z_b: Tensor, labels: Tensor, ignore_index: int,
-                     lse_a: Tensor, lse_b: Tensor, stats: Sequence[Tensor],
-                     grads: Sequence[Optional[Tensor]]):
+                     lse_a: Tensor, lse_b: Tensor, grads: Sequence[Optional[Tensor]],
+                     need_b: bool = True):
     """Closed-form gradient of ``Σ_k g_k · stat_k`` w.r.t. the scaled logits of each view.
 
     ``grads`` holds the upstream gradients (ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b), each
-    (rows,) or None. Returns ``(g_za, g_zb)``.
+    (rows,) or None. Consumes ``z_a``/``z_b`` (overwritten in place with log p, log q) to
+    keep the chunk's temporaries few. Returns ``(g_za, g_zb or None)``. Grouped per row as
+
+        g_a = p ⊙ (α_a + β_a·(log p − log q) + γ_a·log p) − g_klba·q − w_a·e_y
+        g_b = q ⊙ (α_b + β_b·(log q − log p) + γ_b·log q) − g_klab·p − w_b·e_y
+
+    KL and H are re-reduced from these very p, q (not the saved values): for peaked rows
+    the terms p·(log p − log q − KL) cancel to ~0 and only a bit-consistent KL cancels
+    cleanly there (what autograd through log_softmax does too).
     """
     g_ce_a, g_ce_b, g_kl_ab, g_kl_ba, g_ent_a, g_ent_b = grads
-    logp = z_a - lse_a[:, None]
-    logq = z_b - lse_b[:, None]
-    p, q = logp.exp(), logq.exp()
-    # Re-reduce KL/H from this very p, q (not the saved values): the gradient terms
-    # p·(log p − log q − KL) cancel to ~0 for peaked rows, and only a bit-consistent KL
-    # cancels cleanly there (what autograd through log_softmax does too).
-    diff = (z_a - z_b) - (lse_a - lse_b)[:, None]
-    kl_ab = (p * diff).sum(-1) if g_kl_ab is not None else None
-    kl_ba = -(q * diff).sum(-1) if g_kl_ba is not None else None
-    ent_a = -(p * logp).sum(-1) if g_ent_a is not None else None
-    ent_b = -(q * logq).sum(-1) if g_ent_b is not None else None
-    g_a = torch.zeros_like(z_a)
-    g_b = torch.zeros_like(z_b)
-    valid = labels != ignore_index
+    any_b = any(g is not None for g in (g_ce_b, g_kl_ab, g_kl_ba, g_ent_b))
+    p = torch.softmax(z_a, dim=-1)
+    q = torch.softmax(z_b, dim=-1)
+    logp = z_a.sub_(lse_a[:, None])
+    logq = z_b.sub_(lse_b[:, None])
+    diff = logp - logq if (g_kl_ab is not None or g_kl_ba is not None) else None
+    rows = lse_a
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < z_a.shape[1])
     safe = torch.where(valid, labels, torch.zeros_like(labels))[:, None]
-    if g_ce_a is not None:
-        w = torch.where(valid, g_ce_a, torch.zeros_like(g_ce_a))
-        g_a += w[:, None] * p
-        g_a.scatter_add_(1, safe, -w[:, None])
-    if g_ce_b is not None:
-        w = torch.where(valid, g_ce_b, torch.zeros_like(g_ce_b))
-        g_b += w[:, None] * q
-        g_b.scatter_add_(1, safe, -w[:, None])
-    if g_kl_ab is not None:
-        g_a += g_kl_ab[:, None] * p * (diff - kl_ab[:, None])
-        g_b += g_kl_ab[:, None] * (q - p)
-    if g_kl_ba is not None:
-        g_b += g_kl_ba[:, None] * q * (-diff - kl_ba[:, None])
-        g_a += g_kl_ba[:, None] * (p - q)
-    if g_ent_a is not None:
-        g_a -= g_ent_a[:, None] * p * (logp + ent_a[:, None])
-    if g_ent_b is not None:
-        g_b -= g_ent_b[:, None] * q * (logq + ent_b[:, None])
+
+    def view_grad(prob, other, logprob, signed_diff, w_ce, g_kl_self, g_kl_other, g_ent):
+        alpha = torch.where(valid, _zero_if_none(w_ce, rows), torch.zeros_like(rows))
+        w_ce_eff = alpha.clone()
+        if g_kl_other is not None:
+            alpha = alpha + g_kl_other
+        inner = alpha[:, None].expand_as(prob).clone()
+        if g_kl_self is not None:
+            kl_self = torch.linalg.vecdot(prob, signed_diff)
+            inner.sub_((g_kl_self * kl_self)[:, None]).addcmul_(g_kl_self[:, None], signed_diff)
+        if g_ent is not None:
+            ent = -torch.linalg.vecdot(prob, logprob)
+            inner.sub_((g_ent * ent)[:, None]).addcmul_(-g_ent[:, None], logprob)
+        grad = inner.mul_(prob)
+        if g_kl_other is not None:
+            grad.addcmul_(-g_kl_other[:, None], other)
+        grad.scatter_add_(1, safe, -w_ce_eff[:, None])
+        return grad
+
+    g_a = view_grad(p, q, logp, diff, g_ce_a, g_kl_ab, g_kl_ba, g_ent_a)
+    g_b = None
+    if need_b and any_b:
+        neg = None if diff is None else diff.neg_()
+        g_b = view_grad(q, p, logq, neg, g_ce_b, g_kl_ba, g_kl_ab, g_ent_b)
     return g_a, g_b
 
 
 def to_raw_grad(g_z: Tensor, cap_grad: Optional[Tensor], params: StatsParams) -> Tensor:
     """Chain the scaled-logit gradient through the temperature and the softcap."""
     if params.temperature != 1.0:
-        g_z = g_z / params.temperature
+        g_z = g_z.div_(params.temperature)
     if cap_grad is not None:
-        g_z = g_z * cap_grad
+        g_z = g_z.mul_(cap_grad)
     return g_z
 
 
@@ -150,12 +174,12 @@ class TorchChunkedStats(torch.autograd.Function):
             z_b, cap_b = capped_logits(h_b[sl], weight, bias, params)
             g = [None if x is None else x[sl].to(dt) for x in grads]
             g_a, g_b = rows_grad_logits(z_a, z_b, labels[sl], params.ignore_index,
-                                        lse[0, sl], lse[1, sl], out[:, sl].unbind(0), g)
+                                        lse[0, sl], lse[1, sl], g, need_b=b_side)
             g_a = to_raw_grad(g_a, cap_a, params)
-            g_b = to_raw_grad(g_b, cap_b, params) if b_side else None
+            g_b = to_raw_grad(g_b, cap_b, params) if g_b is not None else None
             if d_ha is not None:
                 d_ha[sl] = g_a @ w_dt
-            if d_hb is not None:
+            if d_hb is not None and g_b is not None:  # d_hb starts at zero
                 d_hb[sl] = g_b @ w_dt
             if d_w is not None:
                 d_w += g_a.T @ h_a[sl].to(dt)
