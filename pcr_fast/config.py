@@ -5,14 +5,18 @@ both build their ``PatchAugment`` and ``TwoViewLoss`` from it, so defaults live 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class PCRConfig:
     # --- augmentation (PatchAugment) ---
-    patch_size: Optional[int] = None     # None: the model's visual-token unit (PatchAugment.for_model)
+    patch_size: Optional[int] = None     # None: read from the model (PatchAugment.for_model, `unit`)
+    unit: str = "token"                  # with patch_size=None: "token", "half_token" or "patch"
     shuffle: bool = True
     mask_ratio: float = 0.25
     fill: Union[str, float] = "mean"
@@ -27,8 +31,14 @@ class PCRConfig:
     entropy_target: Optional[float] = None
     entropy_form: Optional[str] = None
     regularize: str = "labelled"
+    gate_weight: float = 0.0
+    gate_threshold: float = 0.03
+    gate_confidence: float = 1.5
+    gate_max_fraction: Optional[float] = None
     # --- execution ---
     detach_augmented: bool = False   # view b forward-only under no_grad (≈ 1/3 less compute)
+    warmup_steps: int = 0            # PCRTrainer: plain SFT loss for the first steps (a model trained
+                                     # from scratch must first answer from the image; 0 for pretrained)
     backend: str = "auto"
     seed: Optional[int] = None
     extra_loss_options: dict = field(default_factory=dict)
@@ -39,6 +49,8 @@ class PCRConfig:
                     divergence_form=self.divergence_form, entropy_weight=self.entropy_weight,
                     entropy_view=self.entropy_view, entropy_target=self.entropy_target,
                     entropy_form=self.entropy_form, regularize=self.regularize,
+                    gate_weight=self.gate_weight, gate_threshold=self.gate_threshold,
+                    gate_confidence=self.gate_confidence, gate_max_fraction=self.gate_max_fraction,
                     backend=self.backend, detach_view_b=self.detach_augmented,
                     **self.extra_loss_options)
 
@@ -55,8 +67,20 @@ class PCRConfig:
             if model_or_config is None:
                 raise ValueError("patch_size is None: pass the model (or its config) so the "
                                  "visual-token unit can be read from it")
-            return PatchAugment.for_model(model_or_config, **kw)
+            try:
+                return PatchAugment.for_model(model_or_config, unit=self.unit, **kw)
+            except ValueError as err:
+                if self.unit != "half_token":
+                    raise
+                logger.warning("%s; falling back to unit='token'", err)
+                return PatchAugment.for_model(model_or_config, unit="token", **kw)
         return PatchAugment(patch_size=self.patch_size, **kw)
+
+    def __post_init__(self):
+        if self.unit not in ("token", "half_token", "patch"):
+            raise ValueError(f"unit must be 'token', 'half_token' or 'patch', got {self.unit!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

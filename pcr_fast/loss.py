@@ -41,11 +41,15 @@ class TwoViewLossOutput:
     entropy: Tensor         # mean H of the entropy view(s) over the regularised tokens
     num_tokens: Tensor      # labelled tokens in this batch
     stats: TwoViewStats     # detached per-row statistics
+    gated_fraction: Optional[Tensor] = None  # share of responses the cross-view gate flagged
 
     def log_dict(self, prefix: str = "") -> dict:
         """Detached scalars keyed for a logger (call ``.item()`` off the hot path)."""
-        return {f"{prefix}ce": self.ce, f"{prefix}divergence": self.divergence,
-                f"{prefix}divergence_term": self.divergence_term, f"{prefix}entropy": self.entropy}
+        out = {f"{prefix}ce": self.ce, f"{prefix}divergence": self.divergence,
+               f"{prefix}divergence_term": self.divergence_term, f"{prefix}entropy": self.entropy}
+        if self.gated_fraction is not None:
+            out[f"{prefix}gated_fraction"] = self.gated_fraction
+        return out
 
 
 def _choice(name: str, value: str, allowed) -> str:
@@ -73,6 +77,17 @@ class TwoViewLoss(nn.Module):
             default) or ``all`` (every row, or those in ``token_mask``).
         reduction: ``mean`` (over labelled tokens, or ``num_items_in_batch``), ``sum``, ``none``.
         detach_view_b: stop-gradient through view b (its distribution is a constant target).
+        gate_weight: weight λ of the cross-view gate (0 disables it). Per response (a row of
+            2-D labels), with S = max over its labelled tokens of KL(p_a‖p_b) + KL(p_b‖p_a)
+            and K, t* = max / argmax of ce_b: a response that does not depend on the image
+            (S < ``gate_threshold``) although the augmented view still predicts all of it
+            (K < ``gate_confidence``) — the backdoor signature — gets λ·(−log(1 − p_a(y)))
+            (unlikelihood) at its decisive token t*, normalised like the CE. The gate itself
+            is detached. See README, "Does the defense work?".
+        gate_threshold, gate_confidence: τ and κ above, in nats.
+        gate_max_fraction: at most this share of the batch's responses is flagged (the most
+            invariant ones): a safety valve, since poisoned responses are a minority by
+            assumption (None: no cap).
         temperature, softcap, ignore_index, backend: passed to :func:`two_view_stats`.
 
     Defaults come from the evaluation harness (README, "Choosing the defaults").
@@ -84,7 +99,9 @@ class TwoViewLoss(nn.Module):
                  entropy_target: Optional[float] = None, reduction: str = "mean",
                  backend: str = "auto", *, divergence_form: str = "hinge",
                  entropy_form: Optional[str] = None, regularize: str = "labelled",
-                 detach_view_b: bool = False, temperature: float = 1.0,
+                 detach_view_b: bool = False, gate_weight: float = 0.0,
+                 gate_threshold: float = 0.03, gate_confidence: float = 1.5,
+                 gate_max_fraction: Optional[float] = None, temperature: float = 1.0,
                  softcap: Optional[float] = None, ignore_index: int = -100,
                  chunk_size: Optional[int] = None):
         super().__init__()
@@ -107,6 +124,15 @@ class TwoViewLoss(nn.Module):
         self.reduction = _choice("reduction", reduction, REDUCTIONS)
         self.backend = backend
         self.detach_view_b = bool(detach_view_b)
+        if gate_weight < 0 or gate_threshold <= 0 or gate_confidence <= 0:
+            raise ValueError(f"gate_weight must be >= 0 and gate_threshold, gate_confidence > 0; got "
+                             f"{gate_weight}, {gate_threshold}, {gate_confidence}")
+        self.gate_weight = float(gate_weight)
+        self.gate_threshold = float(gate_threshold)
+        self.gate_confidence = float(gate_confidence)
+        if gate_max_fraction is not None and not 0 < gate_max_fraction <= 1:
+            raise ValueError(f"gate_max_fraction must be in (0, 1] or None, got {gate_max_fraction!r}")
+        self.gate_max_fraction = gate_max_fraction
         self.temperature = temperature
         self.softcap = softcap
         self.ignore_index = ignore_index
@@ -116,7 +142,8 @@ class TwoViewLoss(nn.Module):
         return (f"ce_weight={self.ce_weight}, divergence={self.divergence!r}, "
                 f"divergence_weight={self.divergence_weight}, margin={self.margin}, "
                 f"entropy_weight={self.entropy_weight}, entropy_view={self.entropy_view!r}, "
-                f"reduction={self.reduction!r}, detach_view_b={self.detach_view_b}")
+                f"reduction={self.reduction!r}, detach_view_b={self.detach_view_b}, "
+                f"gate_weight={self.gate_weight}")
 
     # -- the pieces, each on (N,) vectors -------------------------------------------------
     def divergence_values(self, stats: TwoViewStats) -> Tensor:
@@ -151,14 +178,37 @@ class TwoViewLoss(nn.Module):
             return torch.relu(t - h)
         return (h - t) ** 2
 
+    def gate(self, stats: TwoViewStats, labelled: Tensor, rows: int):
+        """The cross-view gate (detached): (flag per response, one-hot of its decisive token)."""
+        with torch.no_grad():
+            lab = labelled.view(rows, -1)
+            sym = (stats.kl_ab + stats.kl_ba).view(rows, -1).masked_fill(~lab, float("-inf"))
+            ce_b = stats.ce_b.view(rows, -1).masked_fill(~lab, float("-inf"))
+            invariance = sym.max(dim=1).values
+            confidence, decisive = ce_b.max(dim=1)
+            flag = lab.any(dim=1) & (invariance < self.gate_threshold) & (confidence < self.gate_confidence)
+            if self.gate_max_fraction is not None:  # keep only the most invariant responses
+                k = max(1, int(self.gate_max_fraction * rows))
+                order = invariance.masked_fill(~flag, float("inf")).argsort()
+                keep = torch.zeros_like(flag)
+                keep[order[:k]] = True
+                flag = flag & keep
+            onehot = torch.zeros_like(lab, dtype=stats.ce_a.dtype).scatter_(1, decisive[:, None], 1.0)
+            return flag, (onehot * flag[:, None]).reshape(-1)
+
+    @staticmethod
+    def unlikelihood(ce: Tensor) -> Tensor:
+        """−log(1 − p(y)) from the CE −log p(y), stable near p(y) → 1."""
+        return -torch.log(-torch.expm1(-ce.clamp_min(1e-6)))
+
     def _stats_kwargs(self) -> dict:
         return dict(temperature=self.temperature, softcap=self.softcap, ignore_index=self.ignore_index,
                     backend=self.backend, detach_b=self.detach_view_b, chunk_size=self.chunk_size)
 
     def _use_fused_chunked(self, h_a: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
         """The compute-minimal path: triton_chunked, a scalar loss, and gradients wanted."""
-        if self.reduction == "none" or not torch.is_grad_enabled():
-            return False
+        if self.reduction == "none" or not torch.is_grad_enabled() or self.gate_weight > 0:
+            return False  # the gate pools whole responses: not separable into row chunks
         if not any(t is not None and t.requires_grad for t in (h_a, weight, bias)):
             return False
         return resolve_backend(self.backend, h_a.device) == "triton_chunked"
@@ -173,6 +223,9 @@ class TwoViewLoss(nn.Module):
         ``num_items_in_batch`` (int or tensor: labelled tokens over all gradient-accumulation
         micro-batches, the HF Trainer convention) replaces the per-batch token count.
         """
+        if self.gate_weight > 0 and labels.dim() != 2:
+            raise ValueError(f"labels must be 2-D (B, T) with gate_weight > 0 (the gate pools each "
+                             f"response, a row); got shape {tuple(labels.shape)}")
         labels1 = labels.reshape(-1)
         labelled = labels1 != self.ignore_index
         if self.regularize == "labelled":
@@ -206,6 +259,7 @@ class TwoViewLoss(nn.Module):
                 out = out + self.entropy_weight * self.entropy_penalty(self.entropy_values(st)) * reg_rows / den_reg
             return out
 
+        gated_fraction = None
         fused = self._use_fused_chunked(h_a, weight, bias)
         if fused:
             loss, stats = fused_chunked_objective(h_a, h_b, weight, labels, row_losses, bias=bias,
@@ -213,6 +267,11 @@ class TwoViewLoss(nn.Module):
         else:
             stats = two_view_stats(h_a, h_b, weight, labels, bias=bias, **self._stats_kwargs())
             per_row = row_losses(stats)
+            gated_fraction = None
+            if self.gate_weight > 0:
+                flag, decisive = self.gate(stats, labelled, labels.shape[0])
+                per_row = per_row + self.gate_weight * decisive * self.unlikelihood(stats.ce_a) / den_ce
+                gated_fraction = flag.to(dtype).mean()
             loss = per_row if self.reduction == "none" else per_row.sum()
         with torch.no_grad():
             div = self.divergence_values(stats)
@@ -228,6 +287,7 @@ class TwoViewLoss(nn.Module):
                 entropy=(ent.detach() * reg_f).sum() / reg_den,
                 num_tokens=n_lab.detach(),
                 stats=TwoViewStats(*(s.detach() for s in stats)),
+                gated_fraction=gated_fraction,
             )
         return out
 

@@ -207,3 +207,64 @@ def test_triton_chunked_scalar_loss_takes_the_compute_minimal_path(monkeypatch):
     assert torch.allclose(out.loss, ref.loss, rtol=1e-5)
     for a, b in zip(g, gr):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _gate_truth(pr, b, t, lam, tau, kappa):
+    """The cross-view gate written out in float64 from the reference statistics."""
+    p = as_float64(pr)
+    ce_a, ce_b, kl_ab, kl_ba, _, _ = reference_two_view_stats(p.h_a, p.h_b, p.weight, p.labels, None, 1.0, None)
+    lab = (p.labels != -100).view(b, t)
+    total = ce_a.sum()
+    flags = []
+    for r in range(b):
+        idx = lab[r].nonzero().flatten()
+        if len(idx) == 0:
+            flags.append(False)
+            continue
+        sym = (kl_ab + kl_ba).view(b, t)[r, idx]
+        cb = ce_b.view(b, t)[r, idx].detach()
+        flag = bool(sym.max() < tau) and bool(cb.max() < kappa)
+        flags.append(flag)
+        if flag:
+            star = idx[cb.argmax()]
+            c = ce_a.view(b, t)[r, star]
+            total = total + lam * -torch.log(1 - torch.exp(-c))
+    return total / lab.sum(), flags, p
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_view_gate_matches_float64_and_flags_invariant_confident_rows(backend):
+    b, t, d, v = 4, 9, 16, 60
+    pr = make_problem(b * t, d, v, ignore_frac=0.3, scale=1.0)
+    # rows 0 and 1: identical views (invariant) and the argmax labels (ce_b <= log V < kappa=5)
+    # -> flagged;
+    # row 2: different views -> not flagged; row 3: fully ignored -> never flagged.
+    h_a = pr.h_a.detach().clone()
+    h_b = pr.h_b.detach().clone()
+    w = pr.weight.detach() * 4
+    h_b[: 2 * t] = h_a[: 2 * t]
+    labels = pr.labels.clone()
+    labels[: 2 * t] = (h_a[: 2 * t] @ w.T).argmax(-1)  # the model's own confident answer
+    labels[3 * t:] = -100
+    from _two_view_utils import Problem
+
+    prob = Problem(h_a.requires_grad_(), h_b.requires_grad_(), w.requires_grad_(), None, labels)
+    loss_fn = TwoViewLoss(backend=backend, divergence_weight=0.0, gate_weight=0.7,
+                          gate_threshold=0.03, gate_confidence=5.0)
+    out = loss_fn(prob.h_a.view(b, t, d), prob.h_b.view(b, t, d), prob.weight, labels.view(b, t))
+    truth, flags, p64 = _gate_truth(prob, b, t, 0.7, 0.03, 5.0)
+    assert flags[:2] == [True, True] and flags[3] is False
+    assert torch.allclose(out.gated_fraction, torch.tensor(sum(flags) / b))
+    assert torch.allclose(out.loss.double(), truth, rtol=1e-5, atol=1e-6)
+    g = torch.autograd.grad(out.loss, [prob.h_a, prob.weight])
+    gt = torch.autograd.grad(truth, [p64.h_a, p64.weight])
+    for a, c in zip(g, gt):
+        assert ((a.double() - c).abs().max() / c.abs().max()) < 1e-4
+
+
+def test_cross_view_gate_needs_2d_labels():
+    pr = make_problem(12, 8, 30)
+    with pytest.raises(ValueError, match="labels must be 2-D"):
+        TwoViewLoss(gate_weight=1.0, backend="torch")(pr.h_a, pr.h_b, pr.weight, pr.labels)
+    with pytest.raises(ValueError, match="gate_weight"):
+        TwoViewLoss(gate_weight=-1.0)

@@ -1,0 +1,25 @@
+"""Hugging Face integration: the PCR loss for any HF vision-language model, fused.
+
+    out = compute_pcr_loss(model, batch, augment=aug, loss_fn=loss_fn)   # plain loops
+    trainer = PCRTrainer(model=model, args=args, train_dataset=ds, pcr=PCRConfig())
+    class MySFT(PCRTrainerMixin, trl.SFTTrainer): ...
+
+``pcr_fast.hf.tiny.build_tiny_model(family)`` builds tiny random models of every supported
+family with realistic batches (tests, benchmarks, the evaluation harness).
+"""
+from __future__ import annotations
+
+import importlib
+
+from .compute import PCRLossOutput, compute_pcr_loss
+
+# the Trainer classes import transformers.Trainer (slow): load them on first use
+_LAZY = {"PCRTrainer": ".trainer", "PCRTrainerMixin": ".trainer"}
+
+__all__ = ["compute_pcr_loss", "PCRLossOutput", "PCRTrainer", "PCRTrainerMixin"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'pcr_fast.hf' has no attribute {name!r}")

@@ -1,0 +1,216 @@
+"""``compute_pcr_loss``: the PCR objective for any HF vision-language model batch, fused.
+
+The model runs on the original and the patch-augmented view (one batched forward where
+the layout allows), its last hidden states are taken without computing logits, and the
+fused :class:`~pcr_fast.TwoViewLoss` turns them into the objective with no N×V tensor.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import PCRConfig
+from ..loss import TwoViewLoss, TwoViewLossOutput
+from . import adapters
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PCRLossOutput:
+    """The loss to backpropagate and detached per-term values (no host sync)."""
+
+    loss: Tensor
+    ce: Tensor
+    divergence: Tensor
+    divergence_term: Tensor
+    entropy: Tensor
+    num_tokens: Tensor
+    one_forward: bool                         # both views went through one batched forward
+    details: Optional[TwoViewLossOutput] = None
+    gated_fraction: Optional[Tensor] = None   # responses flagged by the cross-view gate
+
+    def log_dict(self, prefix: str = "pcr/") -> Dict[str, Tensor]:
+        """Detached scalars keyed for a logger (call ``.item()`` off the hot path)."""
+        out = {f"{prefix}ce": self.ce, f"{prefix}divergence": self.divergence,
+               f"{prefix}divergence_term": self.divergence_term, f"{prefix}entropy": self.entropy}
+        if self.gated_fraction is not None:
+            out[f"{prefix}gated_fraction"] = self.gated_fraction
+        return out
+
+
+def _shifted(hidden: Tensor, labels: Tensor, shift_labels: Optional[Tensor]):
+    """Causal shift: position t predicts token t+1 (or use collator-provided ``shift_labels``)."""
+    if shift_labels is not None:
+        return hidden, shift_labels
+    return hidden[:, :-1, :], labels[:, 1:]
+
+
+_AUGMENTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _cached_augment(model: nn.Module, cfg: PCRConfig) -> Callable:
+    """``cfg.make_augment(model)``, built once per (model, augmentation settings).
+
+    Why: a seeded PatchAugment advances its generator with every call; rebuilding it per
+    batch would give every batch the same permutation and mask.
+    """
+    inner = adapters.unwrap_model(model)
+    key = (cfg.patch_size, cfg.shuffle, cfg.mask_ratio, cfg.fill, cfg.seed)
+    cached = _AUGMENTS.get(inner)
+    if cached is None or cached[0] != key:
+        cached = (key, cfg.make_augment(inner))
+        _AUGMENTS[inner] = cached
+    return cached[1]
+
+
+def _resolve_augment(model: nn.Module, augment: Optional[Callable], config: Optional[PCRConfig],
+                     detach_augmented: Optional[bool], needs_augment: bool):
+    if config is not None and not isinstance(config, PCRConfig):
+        raise ValueError(f"config must be a PCRConfig or None, got {type(config).__name__}")
+    cfg = config or PCRConfig()
+    detach = cfg.detach_augmented if detach_augmented is None else bool(detach_augmented)
+    if augment is None and needs_augment:
+        augment = _cached_augment(model, cfg)
+    if augment is not None and not callable(augment):
+        raise ValueError(f"augment must be callable (pixel_values -> pixel_values), got {type(augment).__name__}")
+    return augment, detach
+
+
+def _resolve_loss(loss_fn: Optional[Callable], config: Optional[PCRConfig], detach: bool,
+                  softcap: Optional[float]):
+    if loss_fn is None:
+        kwargs = (config or PCRConfig()).loss_kwargs()
+        kwargs["detach_view_b"] = detach
+        if softcap is not None:
+            kwargs["softcap"] = softcap
+        return TwoViewLoss(**kwargs)
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be callable (a TwoViewLoss), got {type(loss_fn).__name__}")
+    if isinstance(loss_fn, TwoViewLoss):
+        if loss_fn.softcap != softcap:
+            raise ValueError(f"the model soft-caps its logits at {softcap} but loss_fn.softcap="
+                             f"{loss_fn.softcap}: build the loss with TwoViewLoss(..., softcap={softcap})")
+        if detach and not loss_fn.detach_view_b:
+            # the augmented view is a constant target: no gradient into W through it either
+            loss_fn = copy.copy(loss_fn)
+            loss_fn.detach_view_b = True
+    return loss_fn
+
+
+def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optional[Callable] = None,
+                     loss_fn: Optional[Callable] = None, config: Optional[PCRConfig] = None,
+                     detach_augmented: Optional[bool] = None, num_items_in_batch=None,
+                     generator: Optional[torch.Generator] = None,
+                     one_forward: Optional[bool] = None) -> PCRLossOutput:
+    """The PCR loss of one batch, for plain loops, accelerate and the Trainer.
+
+    Args:
+        model: a HF vision-language ``*ForConditionalGeneration`` model, possibly wrapped by
+            peft, DDP, accelerate or ``torch.compile``.
+        inputs: the processor/collator batch dict: ``input_ids``, ``attention_mask``, ``labels``
+            (unshifted, HF convention; or ``shift_labels``), ``pixel_values`` and the family's
+            extras (``image_grid_thw``, ``image_sizes``, ``pixel_attention_mask`` …). An
+            ``augmented_pixel_values`` entry, if present, is used as the augmented view as is.
+        augment: ``pixel_values -> pixel_values`` of the same shape (called with
+            ``image_grid_thw=`` and ``generator=`` when those exist). Default:
+            ``config.make_augment(model)``.
+        loss_fn: a :class:`~pcr_fast.TwoViewLoss`. Default: ``config.make_loss()``.
+        config: :class:`~pcr_fast.PCRConfig` for the defaults above.
+        detach_augmented: run the augmented view forward-only under ``no_grad`` (the
+            divergence/entropy gradients then flow through the original view only; ≈ 1/3
+            less compute). Default: ``config.detach_augmented`` (False: train both views).
+        num_items_in_batch: labelled tokens over all gradient-accumulation micro-batches (and
+            devices), the HF Trainer convention; the loss is then ``sum / num_items_in_batch``.
+        generator: RNG for the augmentation.
+        one_forward: force (True) or forbid (False) the single batched forward of both views;
+            default: batched whenever every input can be concatenated along the batch.
+    Returns:
+        :class:`PCRLossOutput` (``.loss`` to backpropagate, detached per-term values).
+    """
+    if not isinstance(inputs, Mapping):
+        raise ValueError(f"inputs must be the batch dict (a Mapping), got {type(inputs).__name__}")
+    for key in ("input_ids", "pixel_values"):
+        if not isinstance(inputs.get(key), Tensor):
+            raise ValueError(f"inputs[{key!r}] must be a tensor (the processor's output); keys: {sorted(inputs)}")
+    labels = inputs.get("labels")
+    shift_labels = inputs.get("shift_labels")
+    if not isinstance(labels, Tensor) and not isinstance(shift_labels, Tensor):
+        raise ValueError("inputs must contain 'labels' (B, T) (or 'shift_labels'): the PCR loss needs targets")
+    if num_items_in_batch is None and "num_items_in_batch" in inputs:
+        num_items_in_batch = inputs["num_items_in_batch"]
+    config_obj = adapters._config_of(adapters.unwrap_model(model))
+    if getattr(config_obj, "is_encoder_decoder", False):
+        raise ValueError("encoder-decoder models are not supported: pcr_fast hooks a decoder-only LM head")
+
+    adapters.check_gradient_checkpointing(model)
+    head = adapters.find_lm_head(model)
+    verified, softcap = adapters.verified_softcap(model)
+    precomputed = inputs.get(adapters.AUGMENTED_KEY)
+    augment, detach = _resolve_augment(model, augment, config, detach_augmented,
+                                       needs_augment=precomputed is None)
+
+    model_inputs = adapters.model_inputs_of(inputs)
+    pixels_a: Tensor = model_inputs[adapters.PIXEL_KEY]
+    with torch.no_grad():
+        if precomputed is not None:
+            if not isinstance(precomputed, Tensor) or precomputed.shape != pixels_a.shape:
+                raise ValueError(f"inputs['augmented_pixel_values'] must be shaped like pixel_values "
+                                 f"{tuple(pixels_a.shape)}")
+            pixels_b = precomputed.to(pixels_a.dtype)
+        else:
+            pixels_b = adapters.call_augment(augment, pixels_a, model_inputs, generator)
+        from ..augment import PatchAugment
+
+        if not isinstance(augment, PatchAugment):  # PatchAugment keeps padding tiles itself
+            pixels_b = adapters.keep_padding_images(pixels_a, pixels_b)
+
+    batch, length = inputs["input_ids"].shape[:2]
+    ok, why = adapters.can_concatenate(model_inputs)
+    if one_forward is None:
+        one_forward = ok and not detach
+        if not ok:
+            logger.debug("two forwards for the two views: %s", why)
+    elif one_forward and not ok:
+        raise ValueError(f"one_forward=True but the views cannot share a forward: {why}")
+    elif one_forward and detach:
+        raise ValueError("one_forward=True is incompatible with detach_augmented=True "
+                         "(the augmented view runs in its own no_grad forward)")
+
+    if one_forward:
+        both = adapters.concatenate_views(model_inputs, pixels_b)
+        hidden, weight = adapters.forward_hidden(model, head, both, (2 * batch, length), verify=not verified)
+        h_a, h_b = hidden[:batch], hidden[batch:]
+    else:
+        inputs_b = dict(model_inputs)
+        inputs_b[adapters.PIXEL_KEY] = pixels_b
+        if detach:
+            with torch.no_grad():
+                h_b, _ = adapters.forward_hidden(model, head, inputs_b, (batch, length))
+        else:
+            h_b, _ = adapters.forward_hidden(model, head, inputs_b, (batch, length))
+        h_a, weight = adapters.forward_hidden(model, head, model_inputs, (batch, length), verify=not verified)
+    if not verified:
+        softcap = adapters.verified_softcap(model)[1]
+    loss_fn = _resolve_loss(loss_fn, config, detach, softcap)
+
+    h_a, targets = _shifted(h_a, labels, shift_labels)
+    h_b, _ = _shifted(h_b, labels, shift_labels)
+    token_mask = None
+    attention_mask = inputs.get("attention_mask")
+    if isinstance(attention_mask, Tensor) and attention_mask.shape == inputs["input_ids"].shape:
+        token_mask = (attention_mask[:, 1:] if shift_labels is None else attention_mask).to(torch.bool)
+    bias = getattr(head, "bias", None)
+    with adapters.gathered_weight(weight):
+        out = loss_fn(h_a, h_b, weight, targets, bias=bias, num_items_in_batch=num_items_in_batch,
+                      token_mask=token_mask)
+    return PCRLossOutput(loss=out.loss, ce=out.ce, divergence=out.divergence,
+                         divergence_term=out.divergence_term, entropy=out.entropy,
+                         num_tokens=out.num_tokens, one_forward=bool(one_forward), details=out,
+                         gated_fraction=getattr(out, "gated_fraction", None))

@@ -1,0 +1,145 @@
+"""Worker for test_hf_distributed.py, launched with ``torchrun --nproc_per_node 2``.
+
+Checks, on CPU with the gloo backend:
+1. compute_pcr_loss through ``DistributedDataParallel``: the global loss and the averaged
+   gradients equal a single process on the same global batch.
+2. FSDP2 ``fully_shard`` (decoder layers + root): same loss/gradients; the lm_head as its
+   own FSDP unit gives a clear error.
+3. ``PCRTrainer`` under torchrun (accelerate's DDP): one SGD step equals
+   ``params - lr · grad`` of the single-process loss on the same global batch.
+Rank 0 writes a JSON verdict to ``argv[1]``.
+"""
+import json
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+torch.set_num_threads(1)
+
+from pcr_fast import TwoViewLoss  # noqa: E402
+from pcr_fast.hf import PCRTrainer, compute_pcr_loss  # noqa: E402
+from pcr_fast.hf.tiny import build_tiny_model, collate, make_samples  # noqa: E402
+
+FAMILY = os.environ.get("PCR_DDP_FAMILY", "qwen2_vl")
+LOSS = dict(backend="torch", entropy_weight=0.1, divergence_weight=0.5)
+LR = 0.5
+
+
+def flip(pixel_values, image_grid_thw=None, generator=None):
+    return -0.8 * pixel_values.flip(-1)
+
+
+def reference(samples):
+    """Single process, whole global batch: loss and gradients."""
+    model, _ = build_tiny_model(FAMILY)
+    out = compute_pcr_loss(model, collate(samples), augment=flip, loss_fn=TwoViewLoss(**LOSS))
+    out.loss.backward()
+    return model, float(out.loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def check_ddp(rank, world, samples, ref_loss, ref_grads):
+    model, _ = build_tiny_model(FAMILY)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    per_rank = len(samples) // world
+    local = collate(samples[rank * per_rank:(rank + 1) * per_rank])
+    # the Trainer convention: num_items_in_batch counts the labelled tokens of all processes
+    n_items = (local["labels"][:, 1:] != -100).sum()
+    dist.all_reduce(n_items)
+    out = compute_pcr_loss(ddp, local, augment=flip, loss_fn=TwoViewLoss(**LOSS), num_items_in_batch=n_items)
+    (out.loss * world).backward()   # DDP averages gradients over processes
+    total = out.loss.detach().clone()
+    dist.all_reduce(total)
+    loss_err = abs(float(total) - ref_loss)
+    grad_err = max(float((p.grad - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-8))
+                   for n, p in model.named_parameters())
+    return {"ddp_loss": float(total), "ref_loss": ref_loss, "ddp_loss_err": loss_err,
+            "ddp_grad_rel_err": grad_err, "one_forward": out.one_forward}
+
+
+def check_trainer(rank, world, samples, ref_model_grads):
+    from transformers import TrainingArguments
+
+    model, _ = build_tiny_model(FAMILY)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(samples) // world,
+                             max_steps=1, optim="sgd", learning_rate=LR, lr_scheduler_type="constant",
+                             max_grad_norm=0.0, remove_unused_columns=False, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0,
+                             ddp_backend="gloo")
+    from pcr_fast import PCRConfig
+
+    trainer = PCRTrainer(model=model, args=args, train_dataset=samples, data_collator=collate,
+                         pcr=PCRConfig(**LOSS), pcr_augment=flip)
+    trainer.train()
+    err = max(float((p.detach() - (initial[n] - LR * ref_model_grads[n])).abs().max())
+              for n, p in model.named_parameters())
+    moved = max(float((p.detach() - initial[n]).abs().max()) for n, p in model.named_parameters())
+    return {"trainer_param_err": err, "trainer_param_moved": moved,
+            "trainer_world_size": trainer.args.world_size,
+            "trainer_logged": [k for k in trainer.state.log_history[0] if k.startswith("pcr/")]}
+
+
+def check_fsdp2(rank, world, samples, ref_loss, ref_grads):
+    """FSDP2 (fully_shard) on CPU: decoder layers sharded, lm_head with the root unit."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # older torch
+        from torch.distributed._composable.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model, _ = build_tiny_model(FAMILY)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    per_rank = len(samples) // world
+    local = collate(samples[rank * per_rank:(rank + 1) * per_rank])
+    n_items = (local["labels"][:, 1:] != -100).sum()
+    dist.all_reduce(n_items)
+    out = compute_pcr_loss(model, local, augment=flip, loss_fn=TwoViewLoss(**LOSS), num_items_in_batch=n_items)
+    (out.loss * world).backward()
+    total = out.loss.detach().clone()
+    dist.all_reduce(total)
+    grad_err = 0.0
+    for n, p in model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grad_err = max(grad_err, float((g - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-8)))
+    # the lm_head as an FSDP unit of its own is freed after its forward: a clear error
+    model2, _ = build_tiny_model(FAMILY)
+    fully_shard(model2.lm_head, mesh=mesh)
+    fully_shard(model2, mesh=mesh)
+    try:
+        compute_pcr_loss(model2, local, augment=flip, loss_fn=TwoViewLoss(**LOSS))
+        separate_head = "no error"
+    except ValueError as err:
+        separate_head = str(err)
+    return {"fsdp_loss_err": abs(float(total) - ref_loss), "fsdp_grad_rel_err": grad_err,
+            "fsdp_separate_head_error": separate_head}
+
+
+def main():
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _, make_batch = build_tiny_model(FAMILY)
+    samples = make_samples(make_batch, 2 * world, seed=7)
+    for i, s in enumerate(samples):   # ragged answers: ranks hold different token counts
+        s["labels"][0, -(2 + 2 * i):] = s["input_ids"][0, -(2 + 2 * i):]
+    _, ref_loss, ref_grads = reference(samples)
+    verdict = check_ddp(rank, world, samples, ref_loss, ref_grads)
+    dist.barrier()
+    verdict.update(check_fsdp2(rank, world, samples, ref_loss, ref_grads))
+    dist.barrier()
+    verdict.update(check_trainer(rank, world, samples, ref_grads))
+    if rank == 0:
+        with open(sys.argv[1], "w") as fh:
+            json.dump(verdict, fh)
+    dist.barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""PCRConfig and the defense's knobs: half-token units, the gate's cap, trainer warm-up."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pcr_fast import PCRConfig, PatchAugment, TwoViewLoss
+from pcr_fast.augment import model_unit
+from pcr_fast.hf import PCRTrainer
+from pcr_fast.hf import trainer as trainer_mod
+from pcr_fast.hf.tiny import build_tiny_model, collate, make_samples
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_half_token_unit_per_family():
+    from transformers import LlavaConfig, Qwen2VLConfig
+
+    llava = LlavaConfig()  # CLIP patch 14, no merge -> 7-px units
+    assert model_unit(llava, "half_token")["patch_size"] == 7
+    assert model_unit(llava, "token")["patch_size"] == 14
+    qwen = Qwen2VLConfig()  # patch 14, merge 2 -> one encoder patch (one row) per unit
+    unit = model_unit(qwen, "half_token")
+    assert (unit["patch_size"], unit["merge_size"]) == (14, 1)
+    assert model_unit(qwen, "token")["merge_size"] == 2
+    with pytest.raises(ValueError, match="unit"):
+        model_unit(llava, "quarter")
+
+
+def test_pcr_config_falls_back_to_token_unit_when_half_is_impossible(caplog):
+    from transformers import LlavaConfig
+
+    cfg = LlavaConfig()
+    cfg.vision_config.patch_size = 15  # odd patch, no merge: half a token is not a whole pixel count
+    aug = PCRConfig(unit="half_token").make_augment(cfg)
+    assert isinstance(aug, PatchAugment) and aug.patch_size == 15
+    assert "falling back" in caplog.text
+    with pytest.raises(ValueError, match="unit"):
+        PCRConfig(unit="pixel")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        PCRConfig(warmup_steps=-1)
+
+
+def test_gate_max_fraction_keeps_only_the_most_invariant_responses():
+    b, t, d, v = 6, 5, 8, 40
+    h_a = torch.randn(b * t, d)
+    h_b = h_a.clone()
+    h_b[: 2 * t] += 1e-3 * torch.randn(2 * t, d)  # rows 0, 1: tiny KL; rows 2..5: KL exactly 0
+    w = torch.randn(v, d)
+    labels = (h_a @ w.T).argmax(-1).view(b, t)
+    kw = dict(backend="torch", divergence_weight=0.0, gate_weight=1.0, gate_threshold=1.0, gate_confidence=50.0)
+    full = TwoViewLoss(**kw)(h_a.view(b, t, d), h_b.view(b, t, d), w, labels)
+    assert torch.allclose(full.gated_fraction, torch.tensor(1.0))
+    capped = TwoViewLoss(gate_max_fraction=0.5, **kw)(h_a.view(b, t, d), h_b.view(b, t, d), w, labels)
+    assert torch.allclose(capped.gated_fraction, torch.tensor(0.5))
+    with pytest.raises(ValueError, match="gate_max_fraction"):
+        TwoViewLoss(gate_max_fraction=1.5)
+
+
+def test_pcr_trainer_warmup_uses_the_plain_loss_first(tmp_path, monkeypatch):
+    model, make_batch = build_tiny_model("llava")
+    calls = []
+    real = trainer_mod.compute_pcr_loss
+    monkeypatch.setattr(trainer_mod, "compute_pcr_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=5, learning_rate=1e-3,
+        remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = PCRTrainer(model=model, args=args, train_dataset=make_samples(make_batch, 8),
+                         data_collator=collate, pcr=PCRConfig(backend="torch", warmup_steps=3, patch_size=4))
+    trainer.train()
+    assert len(calls) == 2  # steps 3 and 4 (0-based) use PCR, steps 0-2 the model's own loss
