@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
+
+from .backend_select import select_backend
 
 logger = logging.getLogger(__name__)
 
@@ -384,27 +385,8 @@ def _apply_triton(x: Tensor, plan: _Plan, perm: Tensor, mask: Tensor, image: Ten
     return out
 
 
-def _triton_available(device: torch.device) -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - triton is a hard dependency
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get(BACKEND_ENV, "auto")
-        if backend not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available(device) else "torch"
-    if backend == "triton" and not _triton_available(device):
-        raise ValueError(f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); got a "
-                         f"tensor on {device}. Use backend='torch' or 'auto'.")
-    return backend
+    return select_backend(backend, device, allowed=BACKENDS, env_var=BACKEND_ENV)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,7 +1,16 @@
 """``PCRConfig``: everything the PCR defense needs, in one record (augmentation + loss).
 
 The HF integration (:mod:`pcr_fast.hf`) and the evaluation harness (:mod:`pcr_fast.eval`)
-both build their ``PatchAugment`` and ``TwoViewLoss`` from it, so defaults live here once.
+both build their ``PatchAugment`` and ``TwoViewLoss`` from it, so the defense's defaults
+live here once. They come from the evaluation harness (README, "Does the defense work?",
+and benchmarks/EVAL_NOTES.md): mask half the image in half-visual-token units, no shuffle;
+CE + the cross-view gate (λ = 19, τ = 0.1 nats, κ = 3 nats), no per-token pull-apart (it
+hurt clean quality and was satisfiable by a shortcut). With these settings no gradient
+flows through the augmented view, so ``detach_augmented=True`` gives the same update for
+about a third less compute; the default stays False (train both views) as the method's
+literal form needs it when ``divergence_weight``/``entropy_weight`` are used.
+``TwoViewLoss``'s own constructor defaults keep the literal PCR form (pull-apart on, gate
+off) since the gate needs (B, T) labels.
 """
 from __future__ import annotations
 
@@ -16,14 +25,14 @@ logger = logging.getLogger(__name__)
 class PCRConfig:
     # --- augmentation (PatchAugment) ---
     patch_size: Optional[int] = None     # None: read from the model (PatchAugment.for_model, `unit`)
-    unit: str = "token"                  # with patch_size=None: "token", "half_token" or "patch"
-    shuffle: bool = True
-    mask_ratio: float = 0.25
+    unit: str = "half_token"             # with patch_size=None: "half_token", "token" or "patch"
+    shuffle: bool = False
+    mask_ratio: float = 0.5
     fill: Union[str, float] = "mean"
     # --- objective (TwoViewLoss) ---
     ce_weight: float = 1.0
     divergence: str = "kl"
-    divergence_weight: float = 1.0
+    divergence_weight: float = 0.0
     margin: Optional[float] = 3.0
     divergence_form: str = "hinge"
     entropy_weight: float = 0.0
@@ -31,9 +40,9 @@ class PCRConfig:
     entropy_target: Optional[float] = None
     entropy_form: Optional[str] = None
     regularize: str = "labelled"
-    gate_weight: float = 0.0
-    gate_threshold: float = 0.03
-    gate_confidence: float = 1.5
+    gate_weight: float = 19.0
+    gate_threshold: float = 0.1
+    gate_confidence: float = 3.0
     gate_max_fraction: Optional[float] = None
     # --- execution ---
     detach_augmented: bool = False   # view b forward-only under no_grad (≈ 1/3 less compute)

@@ -7,12 +7,12 @@ never need to know the objective.
 from __future__ import annotations
 
 import logging
-import os
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from .backend_select import select_backend, triton_available  # noqa: F401 (re-export)
 from .backends.params import StatsParams
 
 logger = logging.getLogger(__name__)
@@ -37,32 +37,9 @@ class TwoViewStats(NamedTuple):
     ent_b: Tensor  # H(p_b)
 
 
-def triton_available(device: torch.device) -> bool:
-    """True where the Triton kernels can run: CUDA with Triton, or the CPU interpreter."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - triton is a hard dependency
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``auto`` (or the ``PCR_FAST_BACKEND`` env var) to a concrete backend."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get(BACKEND_ENV, "auto")
-        if backend not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" and triton_available(device) else "torch"
-    if backend.startswith("triton") and not triton_available(device):
-        raise ValueError(
-            f"backend={backend!r} needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
-            f"got a tensor on {device}. Use backend='torch' or 'auto'.")
-    return backend
+    return select_backend(backend, device, allowed=BACKENDS, env_var=BACKEND_ENV)
 
 
 def default_chunk_size(backend: str, vocab: int, device: torch.device) -> int:

@@ -24,7 +24,7 @@ from pcr_fast.hf import PCRTrainer, compute_pcr_loss  # noqa: E402
 from pcr_fast.hf.tiny import build_tiny_model, collate, make_samples  # noqa: E402
 
 FAMILY = os.environ.get("PCR_DDP_FAMILY", "qwen2_vl")
-LOSS = dict(backend="torch", entropy_weight=0.1, divergence_weight=0.5)
+LOSS = dict(backend="torch", entropy_weight=0.1, divergence_weight=0.5, gate_weight=0.0)
 LR = 0.5
 
 

@@ -169,7 +169,7 @@ def test_softcap_follows_what_the_model_does(family):
         own = model(**inputs).logits
     applied = torch.allclose(own, 2.0 * torch.tanh(z / 2.0), atol=1e-5)
     assert applied or torch.allclose(own, z, atol=1e-5)
-    config = PCRConfig(divergence_weight=0.7, entropy_weight=0.1, backend="torch")
+    config = PCRConfig(divergence_weight=0.7, entropy_weight=0.1, gate_weight=0.0, backend="torch")
     out = compute_pcr_loss(model, batch, augment=stand_in_augment, config=config)
     ref, _ = naive_objective(model, batch, stand_in_augment(batch["pixel_values"]),
                              softcap=2.0 if applied else None)
@@ -203,7 +203,7 @@ def test_default_parts_come_from_the_config():
         pytest.skip("pcr_fast.augment not available yet")
     model, make_batch = build_tiny_model("llava")
     batch = make_batch(2)
-    config = PCRConfig(patch_size=4, backend="torch", seed=0)
+    config = PCRConfig(patch_size=4, backend="torch", seed=0, divergence_weight=1.0)
     first = compute_pcr_loss(model, batch, config=config)
     second = compute_pcr_loss(model, batch, config=config)
     assert torch.isfinite(first.loss) and first.loss.requires_grad

@@ -69,3 +69,17 @@ def test_pcr_trainer_warmup_uses_the_plain_loss_first(tmp_path, monkeypatch):
                          data_collator=collate, pcr=PCRConfig(backend="torch", warmup_steps=3, patch_size=4))
     trainer.train()
     assert len(calls) == 2  # steps 3 and 4 (0-based) use PCR, steps 0-2 the model's own loss
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3", "gemma3", "mllama", "internvl"])
+def test_default_defense_runs_on_every_layout(family):
+    """PCRConfig() as shipped (half-token mask-only view, cross-view gate) end to end."""
+    from pcr_fast import compute_pcr_loss
+
+    model, make_batch = build_tiny_model(family)
+    batch = make_batch(2)
+    out = compute_pcr_loss(model, batch, config=PCRConfig(backend="torch", seed=0))
+    assert torch.isfinite(out.loss) and out.loss.requires_grad
+    assert out.gated_fraction is not None and 0.0 <= float(out.gated_fraction) <= 1.0
+    out.loss.backward()
+    assert any(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

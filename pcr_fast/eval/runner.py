@@ -1,0 +1,269 @@
+"""``run_experiment``: poison the digits tasks, fine-tune a tiny VLM (plain SFT or PCR),
+then measure attack success and clean quality.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, replace
+from typing import Callable, Dict, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .data import CAPTION_PROMPT, QUESTION_PROMPT, load_digits_images, make_samples, task_words, train_test_split
+from .metrics import attack_success_rate, corpus_bleu, exact_match, false_trigger_rate
+from .models import BatchBuilder, ModelSpec, build_model
+from .poison import DEFAULT_TARGET, choose_poisoned
+from .tokenizer import build_tokenizer
+from .triggers import TriggerFn, attack_name, get_trigger
+
+logger = logging.getLogger(__name__)
+
+DEFENSES = ("none", "pcr")
+RESULT_KEYS = ("attack", "defense", "seed", "poison_ratio", "asr", "clean_accuracy", "bleu",
+               "false_trigger_rate")
+
+
+def _pcr_api():
+    """The public PatchAugment and compute_pcr_loss (imported lazily: the HF layer is heavy)."""
+    from pcr_fast import PatchAugment, compute_pcr_loss
+
+    return PatchAugment, compute_pcr_loss
+
+
+def default_pcr_config():
+    from .defaults import DEMO_PCR_CONFIG
+
+    return DEMO_PCR_CONFIG
+
+
+def _pick_device(device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "none",
+                   poison_ratio: float = 0.1, steps: int = 600, seed: int = 0, model: str = "llava",
+                   pcr=None, *, batch_size: int = 32, lr: float = 1e-3, target: str = DEFAULT_TARGET,
+                   test_size: int = 300, image_size: int = 32, patch_size: int = 8,
+                   hidden_size: int = 64, num_layers: int = 2, device=None,
+                   progress: Union[bool, Callable[[int], None]] = True,
+                   pcr_warmup: Optional[float] = None, objective: Optional[Callable] = None,
+                   diagnostics: bool = False) -> Dict:
+    """Fine-tune a tiny VLM from scratch on poisoned digits data and evaluate it.
+
+    Args:
+        attack: a trigger name (see :data:`pcr_fast.eval.ATTACKS`) or any callable
+            ``trigger(images[B, C, H, W] in [0, 1]) -> images``.
+        defense: ``"none"`` (plain SFT, next-token CE) or ``"pcr"`` (CE + the PCR regulariser).
+        poison_ratio: fraction of training samples given the trigger and the ``target`` response.
+        steps, batch_size, lr: the optimisation (AdamW, warm-up then cosine decay).
+        seed: fixes the data split, the poisoned samples, the model init and the batches.
+        model: model family (``"llava"``).
+        pcr: a :class:`pcr_fast.PCRConfig` (``None``: :data:`pcr_fast.eval.defaults.DEMO_PCR_CONFIG`).
+        pcr_warmup: fraction of ``steps`` trained with plain CE before the PCR loss switches on
+            (``None``: :data:`pcr_fast.eval.defaults.DEMO_PCR_WARMUP`). Why: the cross-view
+            gate assumes the model already answers from the image content, as a pretrained
+            model does; trained from scratch it first has to learn that.
+        objective: experimental: ``objective(model, inputs, augment) -> scalar loss`` replacing
+            the PCR loss (for trying objectives the public API does not express).
+        progress: show a tqdm bar (True), nothing (False), or call ``progress(n)`` with the
+            number of steps just done (e.g. to feed a bar in another process).
+        diagnostics: also report the target's first-token probability on triggered test
+            images, original vs augmented view (does the trigger survive the augmentation?);
+            the augmented view is the run's PCR augmentation, or for plain runs an 8-px
+            shuffle + 25 % mask (the literal method's augmentation).
+    Returns:
+        dict with at least :data:`RESULT_KEYS` (rates are fractions in [0, 1]), plus per-task
+        ASR, the configuration and timings.
+    """
+    if defense not in DEFENSES:
+        raise ValueError(f"defense must be one of {DEFENSES}, got {defense!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    trigger = get_trigger(attack)
+    dev = _pick_device(device)
+    spec = ModelSpec(family=model, image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
+                     num_layers=num_layers, vision_hidden_size=hidden_size, vision_layers=num_layers)
+    if defense == "pcr" and pcr is None:
+        pcr = default_pcr_config()
+    if pcr_warmup is None:
+        from .defaults import DEMO_PCR_WARMUP
+
+        pcr_warmup = DEMO_PCR_WARMUP if defense == "pcr" else 0.0
+    if not 0.0 <= float(pcr_warmup) < 1.0:
+        raise ValueError(f"pcr_warmup must be a fraction in [0, 1), got {pcr_warmup!r}")
+    warmup_steps = int(round(float(pcr_warmup) * steps))
+
+    # ---- data -----------------------------------------------------------------------------
+    images = load_digits_images(image_size, seed=0)
+    train_idx, test_idx = train_test_split(len(images), test_size, seed)
+    train, test = images.subset(train_idx), images.subset(test_idx)
+    samples = make_samples(train)
+    poisoned = choose_poisoned(len(samples), poison_ratio, seed)
+    tokenizer = build_tokenizer(task_words() + target.split())
+    builder = BatchBuilder(tokenizer, spec)
+
+    pix = train.images[[s.image for s in samples]]
+    responses = [s.response for s in samples]
+    if poisoned:
+        pix[poisoned] = _apply_trigger(trigger, pix[poisoned])
+        for i in poisoned:
+            responses[i] = target
+    prompts = [s.prompt for s in samples]
+
+    # ---- model + optimiser ------------------------------------------------------------------
+    net = build_model(spec, seed=seed).to(dev)
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+
+    augment = loss_fn = compute_loss = None
+    if defense == "pcr":
+        _, compute_loss = _pcr_api()
+        # seeded by the run's seed unless the config fixes one: runs are reproducible
+        # (patch_size=None: the model's visual-token unit, read from the model)
+        augment = replace(pcr, seed=seed if pcr.seed is None else pcr.seed).make_augment(net)
+        loss_fn = pcr.make_loss()
+
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+    order = torch.randperm(len(samples), generator=gen)
+    cursor = 0
+    t0 = time.perf_counter()
+    history = []
+    bar = _progress(steps, f"{attack_name(attack)}/{defense}", progress)
+    for step in range(steps):
+        if cursor + batch_size > len(order):
+            order, cursor = torch.randperm(len(samples), generator=gen), 0
+        idx = order[cursor:cursor + batch_size].tolist()
+        cursor += batch_size
+        inputs = builder.training_inputs(pix[idx], [prompts[i] for i in idx], [responses[i] for i in idx])
+        inputs = {k: v.to(dev) for k, v in inputs.items()}
+        if defense == "none" or step < warmup_steps:
+            loss = net(**inputs).loss
+        elif objective is not None:
+            loss = objective(net, inputs, augment)
+        else:
+            loss = compute_loss(net, inputs, augment=augment, loss_fn=loss_fn,
+                                detach_augmented=pcr.detach_augmented).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == steps - 1:
+            value = float(loss.detach())
+            history.append((step, value))
+            if bar is not None:
+                bar.set_postfix(loss=f"{value:.3f}")
+        if bar is not None:
+            bar.update(1)
+        elif callable(progress) and (step % 10 == 9 or step == steps - 1):
+            progress(10 if step % 10 == 9 else steps % 10)
+    if bar is not None:
+        bar.close()
+    train_seconds = time.perf_counter() - t0
+
+    # ---- evaluation -------------------------------------------------------------------------
+    net.eval()
+    t1 = time.perf_counter()
+    result = evaluate(net, builder, test, trigger, target, dev)
+    result.update(attack=attack_name(attack), defense=defense, seed=int(seed), poison_ratio=float(poison_ratio),
+                  num_poisoned=len(poisoned), num_train_samples=len(samples), steps=steps,
+                  batch_size=batch_size, lr=lr, model=model, target=target,
+                  pcr_warmup=float(pcr_warmup) if defense == "pcr" else None,
+                  train_seconds=round(train_seconds, 2), eval_seconds=round(time.perf_counter() - t1, 2),
+                  loss_history=history, device=str(dev),
+                  pcr=(pcr.to_dict() if (defense == "pcr" and hasattr(pcr, "to_dict")) else None),
+                  trigger_params=_trigger_params(trigger))
+    logger.info("%s/%s seed %d: ASR %.3f, accuracy %.3f, BLEU-4 %.3f (%.1fs training)", result["attack"], defense,
+                seed, result["asr"], result["clean_accuracy"], result["bleu"], train_seconds)
+    if diagnostics:
+        aug = augment
+        if aug is None:
+            PatchAugment, _ = _pcr_api()
+            aug = PatchAugment(patch_size=patch_size, shuffle=True, mask_ratio=0.25, fill="mean", seed=seed)
+        result.update(_target_probabilities(net, builder, test, trigger, target, aug, dev))
+    return result
+
+
+def _apply_trigger(trigger: TriggerFn, images: Tensor) -> Tensor:
+    out = trigger(images.clone())
+    if not isinstance(out, Tensor) or out.shape != images.shape:
+        raise ValueError(f"the trigger must return a tensor of the input's shape {tuple(images.shape)}, got "
+                         f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+    return out.clamp(0.0, 1.0).to(images.dtype)
+
+
+def _trigger_params(trigger) -> Optional[dict]:
+    try:
+        return {"type": type(trigger).__name__, **asdict(trigger)}
+    except TypeError:
+        return {"type": attack_name(trigger)}
+
+
+def _progress(total: int, desc: str, enabled):
+    if callable(enabled) or not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def evaluate(model, builder: BatchBuilder, test, trigger: TriggerFn, target: str, device,
+             batch_size: int = 512) -> Dict:
+    """ASR (both tasks), false-trigger rate, question exact match and caption BLEU-4."""
+    clean = test.images
+    triggered = _apply_trigger(trigger, clean)
+    max_new = max(len(test.caption(i).split()) for i in range(len(test)))
+    max_new = max(max_new, len(target.split())) + 1
+
+    def run(images, prompt):
+        texts = []
+        for s in range(0, images.shape[0], batch_size):
+            texts += builder.generate(model, images[s:s + batch_size].to(device), prompt, max_new)
+        return texts
+
+    cap_clean, q_clean = run(clean, CAPTION_PROMPT), run(clean, QUESTION_PROMPT)
+    cap_trig, q_trig = run(triggered, CAPTION_PROMPT), run(triggered, QUESTION_PROMPT)
+    refs_cap = [test.caption(i) for i in range(len(test))]
+    refs_q = [test.answer(i) for i in range(len(test))]
+    return {
+        "asr": attack_success_rate(cap_trig + q_trig, target),
+        "asr_caption": attack_success_rate(cap_trig, target),
+        "asr_question": attack_success_rate(q_trig, target),
+        "clean_accuracy": exact_match(q_clean, refs_q),
+        "bleu": corpus_bleu(cap_clean, refs_cap),
+        "false_trigger_rate": false_trigger_rate(cap_clean + q_clean, target),
+        "triggered_accuracy": exact_match(q_trig, refs_q),
+        "examples": {"clean_caption": cap_clean[:3], "clean_question": q_clean[:3],
+                     "triggered_caption": cap_trig[:3], "triggered_question": q_trig[:3],
+                     "reference_caption": refs_cap[:3], "reference_question": refs_q[:3]},
+    }
+
+
+@torch.no_grad()
+def _target_probabilities(model, builder, test, trigger, target, augment, device) -> Dict:
+    """Teacher-forced probability of the target's first word after the question prompt."""
+    images = _apply_trigger(trigger, test.images).to(device)
+    first = builder.ids(target)[0]
+    ids = torch.tensor(builder.prefix(QUESTION_PROMPT), device=device).expand(images.shape[0], -1)
+
+    def first_word_prob(pixels):
+        logits = model(input_ids=ids, **builder.image_inputs(pixels, ids), logits_to_keep=1).logits[:, -1]
+        return logits.softmax(-1)[:, first]
+
+    p_orig = first_word_prob(images)
+    aug = augment(images)  # on (B, C, H, W) images: the same units as on the family's layout
+    p_aug = first_word_prob(aug.pixel_values if hasattr(aug, "pixel_values") else aug)
+    pc = first_word_prob(test.images.to(device))
+    return {"target_prob_triggered": float(p_orig.mean()), "target_prob_triggered_augmented": float(p_aug.mean()),
+            "target_prob_clean": float(pc.mean())}
