@@ -104,6 +104,8 @@ def _add_demo_parser(sub) -> None:
                    help="cross-view gate: largest symmetric KL (nats) of a response that counts as invariant")
     k.add_argument("--gate-confidence", type=float, default=D.gate_confidence,
                    help="cross-view gate: the augmented view must predict every token with CE below this (nats)")
+    k.add_argument("--gate-views", type=int, default=D.gate_views,
+                   help="cross-view gate: augmented draws per image; a response is flagged if invariant under any")
     k.add_argument("--detach-augmented", type=_bool, default=D.detach_augmented,
                    help="stop-gradient through the augmented view")
     p.set_defaults(func=_demo)
@@ -119,7 +121,8 @@ def _pcr_from_args(args):
                    entropy_view=args.entropy_view, entropy_target=args.entropy_target,
                    entropy_form=args.entropy_form, regularize=args.regularize,
                    gate_weight=args.gate_weight, gate_threshold=args.gate_threshold,
-                   gate_confidence=args.gate_confidence, detach_augmented=args.detach_augmented)
+                   gate_confidence=args.gate_confidence, gate_views=args.gate_views,
+                   detach_augmented=args.detach_augmented)
 
 
 def _demo(args) -> int:

@@ -44,6 +44,7 @@ class PCRConfig:
     gate_threshold: float = 0.1
     gate_confidence: float = 3.0
     gate_max_fraction: Optional[float] = None
+    gate_views: int = 1                  # augmented draws the gate's detector looks at (flag if any)
     # --- execution ---
     detach_augmented: bool = False   # view b forward-only under no_grad (≈ 1/3 less compute)
     warmup_steps: int = 0            # PCRTrainer: plain SFT loss for the first steps (a model trained
@@ -88,6 +89,8 @@ class PCRConfig:
     def __post_init__(self):
         if self.unit not in ("token", "half_token", "patch"):
             raise ValueError(f"unit must be 'token', 'half_token' or 'patch', got {self.unit!r}")
+        if not isinstance(self.gate_views, int) or self.gate_views < 1:
+            raise ValueError(f"gate_views must be an int >= 1, got {self.gate_views!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
 

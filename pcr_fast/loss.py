@@ -15,7 +15,7 @@ in :func:`pcr_fast.two_view_stats`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -196,6 +196,22 @@ class TwoViewLoss(nn.Module):
             onehot = torch.zeros_like(lab, dtype=stats.ce_a.dtype).scatter_(1, decisive[:, None], 1.0)
             return flag, (onehot * flag[:, None]).reshape(-1)
 
+    def _union_gate(self, flag: Tensor, decisive: Tensor, h_a: Tensor, h_k: Tensor, weight: Tensor,
+                    labels: Tensor, bias: Optional[Tensor], labelled: Tensor):
+        """Fold one more augmented draw into the gate: flagged if invariant under any draw
+        (the decisive token comes from the first draw that flags the response)."""
+        if not isinstance(h_k, Tensor) or h_k.shape != h_a.shape:
+            raise ValueError(f"extra_views must hold tensors shaped like h_a {tuple(h_a.shape)}, got "
+                             f"{tuple(h_k.shape) if isinstance(h_k, Tensor) else type(h_k).__name__}")
+        rows = labels.shape[0]
+        with torch.no_grad():
+            st = two_view_stats(h_a.detach(), h_k.detach(), weight.detach(), labels,
+                                bias=None if bias is None else bias.detach(), **self._stats_kwargs())
+            flag_k, decisive_k = self.gate(st, labelled, rows)
+            new = (flag_k & ~flag)[:, None]
+            decisive = torch.where(new, decisive_k.view(rows, -1), decisive.view(rows, -1)).reshape(-1)
+            return flag | flag_k, decisive
+
     @staticmethod
     def unlikelihood(ce: Tensor) -> Tensor:
         """−log(1 − p(y)) from the CE −log p(y), stable near p(y) → 1."""
@@ -215,14 +231,21 @@ class TwoViewLoss(nn.Module):
 
     def forward(self, h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Tensor,
                 bias: Optional[Tensor] = None, num_items_in_batch=None,
-                token_mask: Optional[Tensor] = None) -> TwoViewLossOutput:
+                token_mask: Optional[Tensor] = None,
+                extra_views: Optional[Sequence[Tensor]] = None) -> TwoViewLossOutput:
         """Compute the objective.
 
         ``labels`` must already be shifted for a causal LM. ``token_mask`` (same shape as
         labels, bool) restricts the regularised rows when ``regularize="all"``.
         ``num_items_in_batch`` (int or tensor: labelled tokens over all gradient-accumulation
         micro-batches, the HF Trainer convention) replaces the per-batch token count.
+        ``extra_views``: hidden states of further augmented draws (each shaped like ``h_b``),
+        used only by the cross-view gate's detector (no gradient): a response is flagged if
+        it looks invariant under ANY draw (a trigger the first draw happens to break can
+        survive another).
         """
+        if extra_views and self.gate_weight == 0:
+            raise ValueError("extra_views only feed the cross-view gate: set gate_weight > 0")
         if self.gate_weight > 0 and labels.dim() != 2:
             raise ValueError(f"labels must be 2-D (B, T) with gate_weight > 0 (the gate pools each "
                              f"response, a row); got shape {tuple(labels.shape)}")
@@ -270,6 +293,9 @@ class TwoViewLoss(nn.Module):
             gated_fraction = None
             if self.gate_weight > 0:
                 flag, decisive = self.gate(stats, labelled, labels.shape[0])
+                for h_k in extra_views or ():
+                    flag, decisive = self._union_gate(flag, decisive, h_a, h_k, weight, labels, bias,
+                                                      labelled)
                 per_row = per_row + self.gate_weight * decisive * self.unlikelihood(stats.ce_a) / den_ce
                 gated_fraction = flag.to(dtype).mean()
             loss = per_row if self.reduction == "none" else per_row.sum()

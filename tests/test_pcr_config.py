@@ -83,3 +83,44 @@ def test_default_defense_runs_on_every_layout(family):
     assert out.gated_fraction is not None and 0.0 <= float(out.gated_fraction) <= 1.0
     out.loss.backward()
     assert any(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_extra_views_flag_a_response_invariant_under_any_draw():
+    """Row 0 differs from view b but equals the extra draw: flagged only with extra_views."""
+    b, t, d, v = 3, 4, 8, 30
+    h_a = torch.randn(b * t, d)
+    h_b = h_a + 2.0 * torch.randn(b * t, d)       # first draw: every response changes
+    h_extra = h_b.clone()
+    h_extra[:t] = h_a[:t]                          # second draw: row 0 looks invariant
+    w = torch.randn(v, d)
+    labels = (h_a @ w.T).argmax(-1).view(b, t)
+    loss_fn = TwoViewLoss(backend="torch", divergence_weight=0.0, gate_weight=2.0, gate_threshold=1e-3,
+                          gate_confidence=50.0)
+    shape = (b, t, d)
+    one = loss_fn(h_a.view(shape), h_b.view(shape), w, labels)
+    two = loss_fn(h_a.view(shape), h_b.view(shape), w, labels, extra_views=[h_extra.view(shape)])
+    assert float(one.gated_fraction) == 0.0
+    assert torch.allclose(two.gated_fraction, torch.tensor(1 / 3))
+    assert two.loss > one.loss
+    with pytest.raises(ValueError, match="extra_views"):
+        loss_fn(h_a.view(shape), h_b.view(shape), w, labels, extra_views=[h_extra[:5]])
+    with pytest.raises(ValueError, match="gate_weight"):
+        TwoViewLoss(backend="torch")(h_a.view(shape), h_b.view(shape), w, labels, extra_views=[h_extra.view(shape)])
+
+
+def test_gate_views_run_extra_no_grad_forwards():
+    from pcr_fast import compute_pcr_loss
+
+    model, make_batch = build_tiny_model("llava")
+    batch = make_batch(2)
+    calls = []
+
+    def counting_augment(pixel_values, **kwargs):
+        calls.append(1)
+        return -pixel_values.flip(-1)
+
+    cfg = PCRConfig(backend="torch", gate_views=3)
+    out = compute_pcr_loss(model, batch, augment=counting_augment, config=cfg)
+    assert len(calls) == 3 and torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="gate_views"):
+        PCRConfig(gate_views=0)

@@ -152,7 +152,7 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
             loss = objective(net, inputs, augment)
         else:
             loss = compute_loss(net, inputs, augment=augment, loss_fn=loss_fn,
-                                detach_augmented=pcr.detach_augmented).loss
+                                detach_augmented=pcr.detach_augmented, gate_views=pcr.gate_views).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

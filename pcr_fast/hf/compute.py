@@ -104,11 +104,30 @@ def _resolve_loss(loss_fn: Optional[Callable], config: Optional[PCRConfig], deta
     return loss_fn
 
 
+def _extra_gate_views(model, head, model_inputs, pixels_a, augment, generator, loss_fn, gate_views,
+                      shape, labels, shift_labels):
+    """Hidden states of further augmented draws for the gate's detector (no grad)."""
+    if gate_views <= 1 or getattr(loss_fn, "gate_weight", 0.0) == 0.0:
+        return []
+    if augment is None:
+        raise ValueError("gate_views > 1 needs an augment callable (a precomputed "
+                         "'augmented_pixel_values' gives only one draw)")
+    views = []
+    with torch.no_grad():
+        for _ in range(gate_views - 1):
+            inputs_k = dict(model_inputs)
+            inputs_k[adapters.PIXEL_KEY] = adapters.call_augment(augment, pixels_a, model_inputs, generator)
+            h_k, _ = adapters.forward_hidden(model, head, inputs_k, shape)
+            views.append(_shifted(h_k, labels, shift_labels)[0])
+    return views
+
+
 def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optional[Callable] = None,
                      loss_fn: Optional[Callable] = None, config: Optional[PCRConfig] = None,
                      detach_augmented: Optional[bool] = None, num_items_in_batch=None,
                      generator: Optional[torch.Generator] = None,
-                     one_forward: Optional[bool] = None) -> PCRLossOutput:
+                     one_forward: Optional[bool] = None,
+                     gate_views: Optional[int] = None) -> PCRLossOutput:
     """The PCR loss of one batch, for plain loops, accelerate and the Trainer.
 
     Args:
@@ -131,6 +150,8 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optio
         generator: RNG for the augmentation.
         one_forward: force (True) or forbid (False) the single batched forward of both views;
             default: batched whenever every input can be concatenated along the batch.
+        gate_views: augmented draws the cross-view gate looks at (default
+            ``config.gate_views``); each draw after the first costs one no-grad forward.
     Returns:
         :class:`PCRLossOutput` (``.loss`` to backpropagate, detached per-term values).
     """
@@ -156,6 +177,9 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optio
     augment, detach = _resolve_augment(model, augment, config, detach_augmented,
                                        needs_augment=precomputed is None)
 
+    gate_views = (config or PCRConfig()).gate_views if gate_views is None else int(gate_views)
+    if gate_views < 1:
+        raise ValueError(f"gate_views must be >= 1, got {gate_views!r}")
     model_inputs = adapters.model_inputs_of(inputs)
     pixels_a: Tensor = model_inputs[adapters.PIXEL_KEY]
     with torch.no_grad():
@@ -202,14 +226,17 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optio
 
     h_a, targets = _shifted(h_a, labels, shift_labels)
     h_b, _ = _shifted(h_b, labels, shift_labels)
+    extra_views = _extra_gate_views(model, head, model_inputs, pixels_a, augment, generator, loss_fn,
+                                    gate_views, (batch, length), labels, shift_labels)
     token_mask = None
     attention_mask = inputs.get("attention_mask")
     if isinstance(attention_mask, Tensor) and attention_mask.shape == inputs["input_ids"].shape:
         token_mask = (attention_mask[:, 1:] if shift_labels is None else attention_mask).to(torch.bool)
     bias = getattr(head, "bias", None)
     with adapters.gathered_weight(weight):
+        kwargs = {"extra_views": extra_views} if extra_views else {}
         out = loss_fn(h_a, h_b, weight, targets, bias=bias, num_items_in_batch=num_items_in_batch,
-                      token_mask=token_mask)
+                      token_mask=token_mask, **kwargs)
     return PCRLossOutput(loss=out.loss, ce=out.ce, divergence=out.divergence,
                          divergence_term=out.divergence_term, entropy=out.entropy,
                          num_tokens=out.num_tokens, one_forward=bool(one_forward), details=out,
