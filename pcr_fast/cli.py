@@ -104,6 +104,8 @@ def _add_demo_parser(sub) -> None:
                    help="cross-view gate: largest symmetric KL (nats) of a response that counts as invariant")
     k.add_argument("--gate-confidence", type=float, default=D.gate_confidence,
                    help="cross-view gate: the augmented view must predict every token with CE below this (nats)")
+    k.add_argument("--gate-max-fraction", type=_opt_float, default=D.gate_max_fraction,
+                   help="cross-view gate: at most this share of a batch's responses is flagged (none: no cap)")
     k.add_argument("--gate-views", type=int, default=D.gate_views,
                    help="cross-view gate: augmented draws per image; a response is flagged if invariant under any")
     k.add_argument("--detach-augmented", type=_bool, default=D.detach_augmented,
@@ -122,6 +124,7 @@ def _pcr_from_args(args):
                    entropy_form=args.entropy_form, regularize=args.regularize,
                    gate_weight=args.gate_weight, gate_threshold=args.gate_threshold,
                    gate_confidence=args.gate_confidence, gate_views=args.gate_views,
+                   gate_max_fraction=args.gate_max_fraction,
                    detach_augmented=args.detach_augmented)
 
 

@@ -43,8 +43,9 @@ class PCRConfig:
     gate_weight: float = 19.0
     gate_threshold: float = 0.1
     gate_confidence: float = 3.0
-    gate_max_fraction: Optional[float] = None
-    gate_views: int = 1                  # augmented draws the gate's detector looks at (flag if any)
+    gate_max_fraction: Optional[float] = 0.15  # at most this share of a batch's responses flagged
+    gate_views: int = 3                  # augmented draws the gate's detector looks at (flag if any);
+                                         # each draw after the first is one no-grad forward
     # --- execution ---
     detach_augmented: bool = False   # view b forward-only under no_grad (≈ 1/3 less compute)
     warmup_steps: int = 0            # PCRTrainer: plain SFT loss for the first steps (a model trained
