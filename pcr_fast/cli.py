@@ -114,18 +114,15 @@ def _add_demo_parser(sub) -> None:
 
 
 def _pcr_from_args(args):
+    """DEMO_PCR_CONFIG with every PCR knob given on the command line (same names as the fields)."""
+    from dataclasses import fields
+
     from .eval.defaults import DEMO_PCR_CONFIG
 
-    return replace(DEMO_PCR_CONFIG, patch_size=args.patch_size, shuffle=args.shuffle, mask_ratio=args.mask_ratio,
-                   fill=args.fill, ce_weight=args.ce_weight, divergence=args.divergence,
-                   divergence_weight=args.divergence_weight, margin=args.margin,
-                   divergence_form=args.divergence_form, entropy_weight=args.entropy_weight,
-                   entropy_view=args.entropy_view, entropy_target=args.entropy_target,
-                   entropy_form=args.entropy_form, regularize=args.regularize,
-                   gate_weight=args.gate_weight, gate_threshold=args.gate_threshold,
-                   gate_confidence=args.gate_confidence, gate_views=args.gate_views,
-                   gate_max_fraction=args.gate_max_fraction,
-                   detach_augmented=args.detach_augmented)
+    run_level = {"seed", "backend"}  # run options, not PCR knobs, even where names coincide
+    overrides = {f.name: getattr(args, f.name) for f in fields(DEMO_PCR_CONFIG)
+                 if f.name not in run_level and hasattr(args, f.name)}
+    return replace(DEMO_PCR_CONFIG, **overrides)
 
 
 def _demo(args) -> int:
