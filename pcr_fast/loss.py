@@ -300,22 +300,19 @@ class TwoViewLoss(nn.Module):
                 gated_fraction = flag.to(dtype).mean()
             loss = per_row if self.reduction == "none" else per_row.sum()
         with torch.no_grad():
-            div = self.divergence_values(stats)
-            div_term = self.pull_apart(div)
-            ent = self.entropy_values(stats)
-            lab_den, reg_den = n_lab.clamp_min(1), n_reg.clamp_min(1)
             stats = TwoViewStats(*(x.detach() for x in stats))
-            out = TwoViewLossOutput(
+            div = self.divergence_values(stats)
+            lab_den, reg_den = n_lab.clamp_min(1), n_reg.clamp_min(1)
+            return TwoViewLossOutput(
                 loss=loss,
-                ce=(stats.ce_a.detach().sum() / lab_den),
-                divergence=(div.detach() * reg_f).sum() / reg_den,
-                divergence_term=(div_term.detach() * reg_f).sum() / reg_den,
-                entropy=(ent.detach() * reg_f).sum() / reg_den,
-                num_tokens=n_lab.detach(),
-                stats=TwoViewStats(*(s.detach() for s in stats)),
+                ce=stats.ce_a.sum() / lab_den,
+                divergence=(div * reg_f).sum() / reg_den,
+                divergence_term=(self.pull_apart(div) * reg_f).sum() / reg_den,
+                entropy=(self.entropy_values(stats) * reg_f).sum() / reg_den,
+                num_tokens=n_lab,
+                stats=stats,
                 gated_fraction=gated_fraction,
             )
-        return out
 
 
 def two_view_loss(h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Tensor,

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .backend_select import select_backend, triton_available  # noqa: F401 (re-export)
+from .backend_select import select_backend
 from .backends.params import StatsParams
 
 logger = logging.getLogger(__name__)
@@ -143,10 +143,8 @@ def two_view_stats(h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Tensor, *,
     if resolved == "reference":
         from .backends.reference import reference_two_view_stats
 
-        if detach_b:
-            out = _mix_detached(h_a2, h_b2, weight, bias, labels1, temperature, softcap, ignore_index)
-        else:
-            out = reference_two_view_stats(h_a2, h_b2, weight, labels1, bias, temperature, softcap, ignore_index)
+        out = reference_two_view_stats(h_a2, h_b2, weight, labels1, bias, temperature, softcap,
+                                       ignore_index, detach_b=detach_b)
         dt = torch.float64 if h_a.dtype == torch.float64 else torch.float32
         return TwoViewStats(*(t.to(dt) for t in out))
     if resolved == "torch":
@@ -166,23 +164,6 @@ def _opaque_apply(fn, *args):
     """Run an autograd Function outside torch.compile's tracing (one clean graph break:
     the kernels' Python-side chunk loops and launches are not traceable)."""
     return fn.apply(*args)
-
-
-def _mix_detached(h_a, h_b, weight, bias, labels, temperature, softcap, ignore_index):
-    """Reference with view b's logits computed from detached parameters and inputs."""
-    from .backends.reference import reference_logits
-
-    z_a = reference_logits(h_a, weight, bias, temperature, softcap)
-    z_b = reference_logits(h_b, weight, bias, temperature, softcap).detach()
-    logp, logq = torch.log_softmax(z_a, -1), torch.log_softmax(z_b, -1)
-    p, q = logp.exp(), logq.exp()
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    ce_a = torch.where(valid, -logp.gather(-1, safe).squeeze(-1), zero)
-    ce_b = torch.where(valid, -logq.gather(-1, safe).squeeze(-1), zero)
-    return (ce_a, ce_b, (p * (logp - logq)).sum(-1), (q * (logq - logp)).sum(-1),
-            -(p * logp).sum(-1), -(q * logq).sum(-1))
 
 
 def fused_chunked_objective(h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Tensor, row_losses,

@@ -31,10 +31,17 @@ def reference_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperat
 
 def reference_two_view_stats(h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Tensor,
                              bias: Optional[Tensor] = None, temperature: float = 1.0,
-                             softcap: Optional[float] = None, ignore_index: int = -100):
-    """Return ``(ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b)``, each (N,)."""
+                             softcap: Optional[float] = None, ignore_index: int = -100,
+                             detach_b: bool = False):
+    """Return ``(ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b)``, each (N,).
+
+    ``detach_b``: view b's logits are a constant (no gradient into h_b, nor into weight/bias
+    through view b).
+    """
     z_a = reference_logits(h_a, weight, bias, temperature, softcap)
     z_b = reference_logits(h_b, weight, bias, temperature, softcap)
+    if detach_b:
+        z_b = z_b.detach()
     logp = torch.log_softmax(z_a, dim=-1)
     logq = torch.log_softmax(z_b, dim=-1)
     p, q = logp.exp(), logq.exp()

@@ -70,11 +70,8 @@ def _cached_augment(model: nn.Module, cfg: PCRConfig) -> Callable:
     return cached[1]
 
 
-def _resolve_augment(model: nn.Module, augment: Optional[Callable], config: Optional[PCRConfig],
+def _resolve_augment(model: nn.Module, augment: Optional[Callable], cfg: PCRConfig,
                      detach_augmented: Optional[bool], needs_augment: bool):
-    if config is not None and not isinstance(config, PCRConfig):
-        raise ValueError(f"config must be a PCRConfig or None, got {type(config).__name__}")
-    cfg = config or PCRConfig()
     detach = cfg.detach_augmented if detach_augmented is None else bool(detach_augmented)
     if augment is None and needs_augment:
         augment = _cached_augment(model, cfg)
@@ -83,10 +80,10 @@ def _resolve_augment(model: nn.Module, augment: Optional[Callable], config: Opti
     return augment, detach
 
 
-def _resolve_loss(loss_fn: Optional[Callable], config: Optional[PCRConfig], detach: bool,
+def _resolve_loss(loss_fn: Optional[Callable], cfg: PCRConfig, detach: bool,
                   softcap: Optional[float]):
     if loss_fn is None:
-        kwargs = (config or PCRConfig()).loss_kwargs()
+        kwargs = cfg.loss_kwargs()
         kwargs["detach_view_b"] = detach
         if softcap is not None:
             kwargs["softcap"] = softcap
@@ -164,6 +161,9 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optio
     shift_labels = inputs.get("shift_labels")
     if not isinstance(labels, Tensor) and not isinstance(shift_labels, Tensor):
         raise ValueError("inputs must contain 'labels' (B, T) (or 'shift_labels'): the PCR loss needs targets")
+    if config is not None and not isinstance(config, PCRConfig):
+        raise ValueError(f"config must be a PCRConfig or None, got {type(config).__name__}")
+    cfg = config or PCRConfig()
     if num_items_in_batch is None and "num_items_in_batch" in inputs:
         num_items_in_batch = inputs["num_items_in_batch"]
     config_obj = adapters._config_of(adapters.unwrap_model(model))
@@ -174,10 +174,10 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optio
     head = adapters.find_lm_head(model)
     verified, softcap = adapters.verified_softcap(model)
     precomputed = inputs.get(adapters.AUGMENTED_KEY)
-    augment, detach = _resolve_augment(model, augment, config, detach_augmented,
+    augment, detach = _resolve_augment(model, augment, cfg, detach_augmented,
                                        needs_augment=precomputed is None)
 
-    gate_views = (config or PCRConfig()).gate_views if gate_views is None else int(gate_views)
+    gate_views = cfg.gate_views if gate_views is None else int(gate_views)
     if gate_views < 1:
         raise ValueError(f"gate_views must be >= 1, got {gate_views!r}")
     model_inputs = adapters.model_inputs_of(inputs)
@@ -222,7 +222,7 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optio
         h_a, weight = adapters.forward_hidden(model, head, model_inputs, (batch, length), verify=not verified)
     if not verified:
         softcap = adapters.verified_softcap(model)[1]
-    loss_fn = _resolve_loss(loss_fn, config, detach, softcap)
+    loss_fn = _resolve_loss(loss_fn, cfg, detach, softcap)
 
     h_a, targets = _shifted(h_a, labels, shift_labels)
     h_b, _ = _shifted(h_b, labels, shift_labels)
