@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness lives next to this file
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import harness  # noqa: E402
@@ -260,12 +261,7 @@ def run_benchmark(cases: Sequence[AugmentCase], device: torch.device, *, method_
     gen = torch.Generator(device=device).manual_seed(seed)
     methods = build_methods(device, method_names, gen, peers_on_cpu=peers_on_cpu)
     results: List[Dict[str, Any]] = []
-    try:
-        from tqdm import tqdm
-
-        it = tqdm(cases, desc="patch augment cases", disable=not progress)
-    except ImportError:  # pragma: no cover
-        it = cases
+    it = tqdm(cases, desc="patch augment cases", disable=not progress)  # tqdm is a hard dependency
     t_start = time.perf_counter()
     for case in it:
         results.extend(run_case(case, methods, device, quick=quick, seed=seed, measure_memory=measure_memory))

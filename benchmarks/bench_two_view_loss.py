@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness lives next to this file
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import harness  # noqa: E402
@@ -382,12 +382,7 @@ def run_benchmark(cases: Sequence[LossCase], device: torch.device, *, method_nam
     matmul = harness.measure_matmul_rate(device, size=mm_size)
     rate = matmul["flops_per_s"]
     results: List[Dict[str, Any]] = []
-    try:
-        from tqdm import tqdm
-
-        it = tqdm(cases, desc="two-view loss cases", disable=not progress)
-    except ImportError:  # pragma: no cover
-        it = cases
+    it = tqdm(cases, desc="two-view loss cases", disable=not progress)  # tqdm is a hard dependency
     t_start = time.perf_counter()
     for case in it:
         results.extend(run_case(case, methods, device, quick=quick, matmul_rate=rate, seed=seed,

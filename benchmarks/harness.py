@@ -614,6 +614,13 @@ def plot_panels(path: Path, panels: Sequence[Mapping[str, Any]], *, suptitle: st
         ax.axis("off")
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -653,9 +660,4 @@ def plot_bars(path: Path, groups: Sequence[str], series: Mapping[str, Sequence[O
     ax.set_title(title, fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
