@@ -5,6 +5,7 @@ Public API (see README):
     TwoViewLoss, two_view_loss            the PCR objective
     PatchAugment, patch_augment           one-pass patch shuffle/mask of pixel_values
     PCRConfig, compute_pcr_loss, PCRTrainer, PCRTrainerMixin   HF integration
+    BackdoorMemory, cross_view_flags, unlearning_loss, scan_dataset   scan-and-unlearn PCR
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import logging
 
 from .config import PCRConfig
 from .loss import TwoViewLoss, TwoViewLossOutput, two_view_loss
+from .scan import BackdoorMemory, UnlearningLossOutput, cross_view_flags, unlearning_loss
 from .stats import TwoViewStats, two_view_stats
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -28,10 +30,12 @@ _LAZY = {
     "PCRTrainer": ".hf",
     "PCRTrainerMixin": ".hf",
     "PCRLossOutput": ".hf",
+    "scan_dataset": ".hf",
+    "scan_batch": ".hf",
 }
 
 __all__ = ["two_view_stats", "TwoViewStats", "TwoViewLoss", "TwoViewLossOutput", "two_view_loss",
-           "PCRConfig", *_LAZY]
+           "PCRConfig", "BackdoorMemory", "UnlearningLossOutput", "cross_view_flags", "unlearning_loss", *_LAZY]
 
 
 def __getattr__(name: str):

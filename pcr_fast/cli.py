@@ -78,9 +78,24 @@ def _add_demo_parser(sub) -> None:
                    help="runs trained side by side in worker processes (default: 2 on a CPU with 2+ cores, 1 on a GPU)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     k = p.add_argument_group("PCR (augmentation and objective; defaults are the library's tuned values)")
+    k.add_argument("--mode", default=D.mode, choices=("scan", "online"),
+                   help="scan: scan the training set for invariant responses, drop them, unlearn the target "
+                        "tokens; online: the per-batch two-view objective (pull-apart / cross-view gate)")
+    k.add_argument("--scan-at", type=lambda s: tuple(float(x) for x in _csv(s)),
+                   default=",".join(str(f) for f in D.scan_at),
+                   help="scan mode: when to scan, as comma-separated fractions of the steps")
+    k.add_argument("--scan-original-confidence", type=float, default=D.scan_original_confidence,
+                   help="scan mode: only responses the model predicts with every token's CE below this (nats) "
+                        "can be flagged")
+    k.add_argument("--target-share", type=float, default=D.target_share,
+                   help="scan mode: a token is the target when this share of the samples containing it is flagged")
+    k.add_argument("--min-support", type=int, default=D.min_support,
+                   help="scan mode: ... and at least this many samples contain it")
+    k.add_argument("--unlearn-weight", type=float, default=D.unlearn_weight,
+                   help="scan mode: weight of the unlikelihood on target tokens")
     k.add_argument("--pcr-warmup", type=float, default=DEMO_PCR_WARMUP,
-                   help="fraction of the steps trained with plain CE before PCR switches on (from scratch, "
-                        "the model must first learn to answer from the image)")
+                   help="online mode: fraction of the steps trained with plain CE before PCR switches on (from "
+                        "scratch, the model must first learn to answer from the image)")
     k.add_argument("--patch-size", type=int, default=D.patch_size,
                    help="augmentation unit in pixels (default: the vision tower's patch)")
     k.add_argument("--shuffle", type=_bool, default=D.shuffle, help="shuffle patches")
@@ -101,13 +116,13 @@ def _add_demo_parser(sub) -> None:
     k.add_argument("--gate-weight", type=float, default=D.gate_weight,
                    help="cross-view gate: unlikelihood weight on invariant responses (0: off)")
     k.add_argument("--gate-threshold", type=float, default=D.gate_threshold,
-                   help="cross-view gate: largest symmetric KL (nats) of a response that counts as invariant")
+                   help="scan / cross-view gate: largest symmetric KL (nats) of a response that counts as invariant")
     k.add_argument("--gate-confidence", type=float, default=D.gate_confidence,
-                   help="cross-view gate: the augmented view must predict every token with CE below this (nats)")
+                   help="scan / cross-view gate: the augmented view must predict every token with CE below this (nats)")
     k.add_argument("--gate-max-fraction", type=_opt_float, default=D.gate_max_fraction,
                    help="cross-view gate: at most this share of a batch's responses is flagged (none: no cap)")
     k.add_argument("--gate-views", type=int, default=D.gate_views,
-                   help="cross-view gate: augmented draws per image; a response is flagged if invariant under any")
+                   help="scan / cross-view gate: augmented draws per image; a response is flagged if invariant under any")
     k.add_argument("--detach-augmented", type=_bool, default=D.detach_augmented,
                    help="stop-gradient through the augmented view")
     p.set_defaults(func=_demo)
@@ -150,7 +165,8 @@ def _demo(args) -> int:
                                       steps=args.steps, seed=seed, model=args.model,
                                       pcr=pcr if defense == "pcr" else None, batch_size=args.batch_size,
                                       lr=args.lr, target=target, test_size=args.test_size, device=args.device,
-                                      pcr_warmup=args.pcr_warmup if defense == "pcr" else None))
+                                      pcr_warmup=args.pcr_warmup if (defense == "pcr" and pcr.mode == "online")
+                                      else None))
     t0 = time.perf_counter()
     jobs = _num_jobs(args, len(jobs_spec))
     if jobs > 1:

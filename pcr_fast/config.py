@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 logger = logging.getLogger(__name__)
+
+
+MODES = ("scan", "online")
 
 
 @dataclass
@@ -46,6 +49,16 @@ class PCRConfig:
     gate_max_fraction: Optional[float] = 0.15  # at most this share of a batch's responses flagged
     gate_views: int = 3                  # augmented draws the gate's detector looks at (flag if any);
                                          # each draw after the first is one no-grad forward
+    # --- scan-and-unlearn (mode="scan"; pcr_fast.scan): the detector reuses gate_threshold (τ),
+    # gate_confidence (κ) and gate_views (K) above ---
+    mode: str = "scan"                   # "scan": scan the training set, drop flagged samples, unlearn the
+                                         # target tokens; "online": the per-batch TwoViewLoss objective
+    scan_at: Tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)  # scans, as fractions of the training steps
+    scan_original_confidence: float = 0.3  # only responses the model already predicts with every token's
+                                           # CE below this (nats) can be flagged
+    target_share: float = 0.6            # a token is a target when this share of its samples is flagged
+    min_support: int = 8                 # ... and at least this many samples contain it
+    unlearn_weight: float = 1.0          # λ of the unlikelihood on target tokens
     # --- execution ---
     detach_augmented: bool = False   # view b forward-only under no_grad (≈ 1/3 less compute)
     warmup_steps: int = 0            # PCRTrainer: plain SFT loss for the first steps (a model trained
@@ -70,6 +83,19 @@ class PCRConfig:
 
         return TwoViewLoss(**self.loss_kwargs())
 
+    def make_memory(self, num_samples: int, vocab_size: int, device=None):
+        """A :class:`~pcr_fast.scan.BackdoorMemory` with this config's target rule."""
+        from .scan import BackdoorMemory
+
+        return BackdoorMemory(num_samples, vocab_size, target_share=self.target_share,
+                              min_support=self.min_support, device=device)
+
+    def scan_steps(self, total_steps: int) -> Tuple[int, ...]:
+        """The optimisation steps (0-based) before which a scan runs, for a run of ``total_steps``."""
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        return tuple(sorted({min(total_steps - 1, int(round(f * total_steps))) for f in self.scan_at}))
+
     def make_augment(self, model_or_config: Any = None):
         from .augment import PatchAugment
 
@@ -92,6 +118,24 @@ class PCRConfig:
             raise ValueError(f"unit must be 'token', 'half_token' or 'patch', got {self.unit!r}")
         if not isinstance(self.gate_views, int) or self.gate_views < 1:
             raise ValueError(f"gate_views must be an int >= 1, got {self.gate_views!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        try:
+            self.scan_at = tuple(float(f) for f in self.scan_at)
+        except TypeError:
+            raise ValueError(f"scan_at must be a sequence of fractions in [0, 1), got {self.scan_at!r}") from None
+        if self.mode == "scan" and not self.scan_at:
+            raise ValueError("scan_at must hold at least one fraction of training when mode='scan'")
+        if any(not 0.0 <= f < 1.0 for f in self.scan_at):
+            raise ValueError(f"scan_at must hold fractions of training in [0, 1), got {self.scan_at!r}")
+        if not self.scan_original_confidence > 0:
+            raise ValueError(f"scan_original_confidence must be > 0 (nats), got {self.scan_original_confidence!r}")
+        if not 0.0 < self.target_share <= 1.0:
+            raise ValueError(f"target_share must be in (0, 1], got {self.target_share!r}")
+        if not isinstance(self.min_support, int) or self.min_support < 1:
+            raise ValueError(f"min_support must be an int >= 1, got {self.min_support!r}")
+        if self.unlearn_weight < 0:
+            raise ValueError(f"unlearn_weight must be >= 0, got {self.unlearn_weight!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
 

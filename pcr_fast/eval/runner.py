@@ -125,31 +125,42 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
 
-    augment = loss_fn = compute_loss = None
+    augment = loss_fn = compute_loss = memory = None
+    scan_steps: Dict[int, int] = {}
     if defense == "pcr":
         _, compute_loss = _pcr_api()
         # seeded by the run's seed unless the config fixes one: runs are reproducible
         # (patch_size=None: the model's visual-token unit, read from the model)
         augment = replace(pcr, seed=seed if pcr.seed is None else pcr.seed).make_augment(net)
-        loss_fn = pcr.make_loss()
+        if pcr.mode == "scan":
+            memory = pcr.make_memory(len(samples), net.get_output_embeddings().weight.shape[0], device=dev)
+            scan_steps = {s: i for i, s in enumerate(pcr.scan_steps(steps))}
+            warmup_steps = 0  # plain SFT until the first scan: the scan schedule is the warm-up
+        else:
+            loss_fn = pcr.make_loss()
 
     gen = torch.Generator().manual_seed(int(seed) + 1)
     order = torch.randperm(len(samples), generator=gen)
     cursor = 0
     t0 = time.perf_counter()
-    history = []
+    history, scans = [], []
     bar = _progress(steps, f"{attack_name(attack)}/{defense}", progress)
     for step in range(steps):
+        if step in scan_steps:
+            scans.append(_scan(net, builder, pix, prompts, responses, memory, pcr, augment, dev, poisoned, step))
         if cursor + batch_size > len(order):
             order, cursor = torch.randperm(len(samples), generator=gen), 0
         idx = order[cursor:cursor + batch_size].tolist()
         cursor += batch_size
         inputs = builder.training_inputs(pix[idx], [prompts[i] for i in idx], [responses[i] for i in idx])
         inputs = {k: v.to(dev) for k, v in inputs.items()}
-        if defense == "none" or step < warmup_steps:
+        if defense == "none" or step < warmup_steps or (memory is not None and not memory.active):
             loss = net(**inputs).loss
         elif objective is not None:
             loss = objective(net, inputs, augment)
+        elif memory is not None:
+            inputs["sample_ids"] = torch.tensor(idx, device=dev)
+            loss = compute_loss(net, inputs, config=pcr, memory=memory).loss
         else:
             loss = compute_loss(net, inputs, augment=augment, loss_fn=loss_fn,
                                 detach_augmented=pcr.detach_augmented, gate_views=pcr.gate_views).loss
@@ -178,11 +189,13 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
     result.update(attack=attack_name(attack), defense=defense, seed=int(seed), poison_ratio=float(poison_ratio),
                   num_poisoned=len(poisoned), num_train_samples=len(samples), steps=steps,
                   batch_size=batch_size, lr=lr, model=model, target=target,
-                  pcr_warmup=float(pcr_warmup) if defense == "pcr" else None,
+                  pcr_warmup=float(pcr_warmup) if (defense == "pcr" and memory is None) else None,
                   train_seconds=round(train_seconds, 2), eval_seconds=round(time.perf_counter() - t1, 2),
                   loss_history=history, device=str(dev),
                   pcr=(pcr.to_dict() if (defense == "pcr" and hasattr(pcr, "to_dict")) else None),
                   trigger_params=_trigger_params(trigger))
+    if memory is not None:
+        result.update(scans=scans, scan_summary=memory.summary(poisoned))
     logger.info("%s/%s seed %d: ASR %.3f, accuracy %.3f, BLEU-4 %.3f (%.1fs training)", result["attack"], defense,
                 seed, result["asr"], result["clean_accuracy"], result["bleu"], train_seconds)
     if diagnostics:
@@ -192,6 +205,26 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
             aug = PatchAugment(patch_size=patch_size, shuffle=True, mask_ratio=0.25, fill="mean", seed=seed)
         result.update(_target_probabilities(net, builder, test, trigger, target, aug, dev))
     return result
+
+
+def _scan(net, builder: BatchBuilder, pix: Tensor, prompts, responses, memory, pcr, augment, device,
+          poisoned, step: int, batch_size: int = 256) -> Dict:
+    """One PCR scan of the whole (poisoned) training set; returns what it flagged."""
+    from pcr_fast.hf import scan_dataset
+
+    def batches():
+        for s in range(0, len(responses), batch_size):
+            idx = list(range(s, min(len(responses), s + batch_size)))
+            inputs = builder.training_inputs(pix[idx], [prompts[i] for i in idx], [responses[i] for i in idx])
+            inputs["sample_ids"] = torch.tensor(idx)
+            yield inputs
+
+    t = time.perf_counter()
+    summary = scan_dataset(net, batches(), memory, config=pcr, augment=augment)
+    summary.update(step=step, seconds=round(time.perf_counter() - t, 2), **memory.summary(poisoned))
+    logger.info("PCR scan at step %d: %d flagged (%d poisoned), target tokens %s", step, summary["flagged"],
+                summary["flagged_poisoned"], builder.tokenizer.convert_ids_to_tokens(summary["target_tokens"]))
+    return summary
 
 
 def _apply_trigger(trigger: TriggerFn, images: Tensor) -> Tensor:

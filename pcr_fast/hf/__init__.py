@@ -1,6 +1,8 @@
 """Hugging Face integration: the PCR loss for any HF vision-language model, fused.
 
-    out = compute_pcr_loss(model, batch, augment=aug, loss_fn=loss_fn)   # plain loops
+    out = compute_pcr_loss(model, batch, augment=aug, loss_fn=loss_fn)   # plain loops (online mode)
+    scan_dataset(model, loader, memory, config=cfg)                      # scan-and-unlearn mode
+    out = compute_pcr_loss(model, batch, config=cfg, memory=memory)
     trainer = PCRTrainer(model=model, args=args, train_dataset=ds, pcr=PCRConfig())
     class MySFT(PCRTrainerMixin, trl.SFTTrainer): ...
 
@@ -12,11 +14,12 @@ from __future__ import annotations
 import importlib
 
 from .compute import PCRLossOutput, compute_pcr_loss
+from .scan import scan_batch, scan_dataset
 
 # the Trainer classes import transformers.Trainer (slow): load them on first use
 _LAZY = {"PCRTrainer": ".trainer", "PCRTrainerMixin": ".trainer"}
 
-__all__ = ["compute_pcr_loss", "PCRLossOutput", "PCRTrainer", "PCRTrainerMixin"]
+__all__ = ["compute_pcr_loss", "PCRLossOutput", "scan_batch", "scan_dataset", "PCRTrainer", "PCRTrainerMixin"]
 
 
 def __getattr__(name: str):

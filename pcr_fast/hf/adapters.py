@@ -25,7 +25,9 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 # batch-dict keys that are targets or Trainer bookkeeping, never model inputs
-NON_MODEL_KEYS = frozenset({"labels", "shift_labels", "num_items_in_batch", "augmented_pixel_values"})
+NON_MODEL_KEYS = frozenset({"labels", "shift_labels", "num_items_in_batch", "augmented_pixel_values",
+                            "sample_ids"})
+SAMPLE_IDS_KEY = "sample_ids"  # training-set row ids (scan-and-unlearn PCR's memory is indexed by them)
 # keys shared by both views (not concatenated)
 SHARED_KEYS = frozenset({"cache_position"})
 PIXEL_KEY = "pixel_values"

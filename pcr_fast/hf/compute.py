@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..config import PCRConfig
 from ..loss import TwoViewLoss, TwoViewLossOutput
+from ..scan import BackdoorMemory, unlearning_loss
 from . import adapters
 
 logger = logging.getLogger(__name__)
@@ -28,21 +29,21 @@ class PCRLossOutput:
 
     loss: Tensor
     ce: Tensor
-    divergence: Tensor
-    divergence_term: Tensor
-    entropy: Tensor
+    divergence: Optional[Tensor]              # None in scan-and-unlearn mode (one view per step)
+    divergence_term: Optional[Tensor]
+    entropy: Optional[Tensor]
     num_tokens: Tensor
     one_forward: bool                         # both views went through one batched forward
     details: Optional[TwoViewLossOutput] = None
     gated_fraction: Optional[Tensor] = None   # responses flagged by the cross-view gate
+    unlikelihood: Optional[Tensor] = None     # scan mode: mean unlikelihood on target tokens
+    dropped_fraction: Optional[Tensor] = None  # scan mode: responses left out of the CE
 
     def log_dict(self, prefix: str = "pcr/") -> Dict[str, Tensor]:
         """Detached scalars keyed for a logger (call ``.item()`` off the hot path)."""
-        out = {f"{prefix}ce": self.ce, f"{prefix}divergence": self.divergence,
-               f"{prefix}divergence_term": self.divergence_term, f"{prefix}entropy": self.entropy}
-        if self.gated_fraction is not None:
-            out[f"{prefix}gated_fraction"] = self.gated_fraction
-        return out
+        keys = ("ce", "divergence", "divergence_term", "entropy", "gated_fraction", "unlikelihood",
+                "dropped_fraction")
+        return {f"{prefix}{k}": getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 def _shifted(hidden: Tensor, labels: Tensor, shift_labels: Optional[Tensor]):
@@ -119,13 +120,42 @@ def _extra_gate_views(model, head, model_inputs, pixels_a, augment, generator, l
     return views
 
 
+def _unlearning_step(model, inputs, head, verified, softcap, cfg, memory, num_items_in_batch) -> PCRLossOutput:
+    """Scan-and-unlearn training step: one forward of the original view."""
+    from .scan import batch_sample_ids, shifted_targets
+
+    if not isinstance(memory, BackdoorMemory):
+        raise ValueError(f"memory must be a BackdoorMemory (PCRConfig.make_memory), got {type(memory).__name__}")
+    ids = batch_sample_ids(inputs)
+    model_inputs = adapters.model_inputs_of(inputs)
+    h_a, weight = adapters.forward_hidden(model, head, model_inputs, tuple(inputs["input_ids"].shape[:2]),
+                                          verify=not verified)
+    if not verified:
+        softcap = adapters.verified_softcap(model)[1]
+    h_a, targets = shifted_targets(h_a, inputs)
+    drop, unlearn = memory.treatment(ids, targets)
+    with adapters.gathered_weight(weight):
+        out = unlearning_loss(h_a, weight, targets, drop, unlearn, bias=getattr(head, "bias", None),
+                              num_items_in_batch=num_items_in_batch, unlearn_weight=cfg.unlearn_weight,
+                              softcap=softcap, backend=cfg.backend)
+    return PCRLossOutput(loss=out.loss, ce=out.ce, divergence=None, divergence_term=None, entropy=None,
+                         num_tokens=out.num_tokens, one_forward=True, unlikelihood=out.unlikelihood,
+                         dropped_fraction=out.dropped_fraction)
+
+
 def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optional[Callable] = None,
                      loss_fn: Optional[Callable] = None, config: Optional[PCRConfig] = None,
                      detach_augmented: Optional[bool] = None, num_items_in_batch=None,
                      generator: Optional[torch.Generator] = None,
                      one_forward: Optional[bool] = None,
-                     gate_views: Optional[int] = None) -> PCRLossOutput:
+                     gate_views: Optional[int] = None,
+                     memory: Optional[BackdoorMemory] = None) -> PCRLossOutput:
     """The PCR loss of one batch, for plain loops, accelerate and the Trainer.
+
+    With ``memory`` (scan-and-unlearn, ``PCRConfig(mode="scan")``, see :mod:`pcr_fast.scan`):
+    one forward of the original view; responses the scans flagged are dropped from the CE
+    and target tokens get unlikelihood (needs ``inputs['sample_ids']``). Without it: the
+    per-batch two-view objective of ``loss_fn`` (``mode="online"``).
 
     Args:
         model: a HF vision-language ``*ForConditionalGeneration`` model, possibly wrapped by
@@ -149,6 +179,8 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optio
             default: batched whenever every input can be concatenated along the batch.
         gate_views: augmented draws the cross-view gate looks at (default
             ``config.gate_views``); each draw after the first costs one no-grad forward.
+        memory: the :class:`~pcr_fast.scan.BackdoorMemory` filled by
+            :func:`pcr_fast.hf.scan_dataset` (scan-and-unlearn mode).
     Returns:
         :class:`PCRLossOutput` (``.loss`` to backpropagate, detached per-term values).
     """
@@ -173,6 +205,8 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optio
     adapters.check_gradient_checkpointing(model)
     head = adapters.find_lm_head(model)
     verified, softcap = adapters.verified_softcap(model)
+    if memory is not None:
+        return _unlearning_step(model, inputs, head, verified, softcap, cfg, memory, num_items_in_batch)
     precomputed = inputs.get(adapters.AUGMENTED_KEY)
     augment, detach = _resolve_augment(model, augment, cfg, detach_augmented,
                                        needs_augment=precomputed is None)
