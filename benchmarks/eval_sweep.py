@@ -26,16 +26,29 @@ def _first_target_id() -> int:
     tok = build_tokenizer(task_words() + DEFAULT_TARGET.split())
     return tok.convert_tokens_to_ids(DEFAULT_TARGET.split()[0])
 
+# the literal objective of section 1 (per-batch, mode="online"): pull-apart on, gate off
+_LITERAL = dict(mode="online", unit="token", shuffle=True, mask_ratio=0.25, divergence_weight=1.0, gate_weight=0.0)
 CONFIGS = {
     "plain": None,
-    "literal": PCRConfig(),
-    "detach": PCRConfig(detach_augmented=True),
-    "detach_rkl": PCRConfig(detach_augmented=True, divergence="reverse_kl"),
-    "detach_w3": PCRConfig(detach_augmented=True, divergence_weight=3.0),
-    "nomask": PCRConfig(mask_ratio=0.0),
-    "detach_nomask": PCRConfig(detach_augmented=True, mask_ratio=0.0),
-    "demo": DEMO_PCR_CONFIG,
+    "literal": PCRConfig(**_LITERAL),
+    "detach": PCRConfig(**_LITERAL, detach_augmented=True),
+    "detach_rkl": PCRConfig(**_LITERAL, detach_augmented=True, divergence="reverse_kl"),
+    "detach_w3": PCRConfig(**{**_LITERAL, "divergence_weight": 3.0}, detach_augmented=True),
+    "nomask": PCRConfig(**{**_LITERAL, "mask_ratio": 0.0}),
+    "detach_nomask": PCRConfig(**{**_LITERAL, "mask_ratio": 0.0}, detach_augmented=True),
+    "online_gate": replace(DEMO_PCR_CONFIG, mode="online"),   # the per-batch gate of sections 3-7
+    "demo": DEMO_PCR_CONFIG,                                   # scan-and-unlearn (section 8)
 }
+
+
+def corner3(images):
+    """The README's example of a user trigger (never used to choose any default)."""
+    out = images.clone()
+    out[:, :, :3, :3] = 1.0
+    return out
+
+
+UNSEEN_TRIGGERS = {"corner3": corner3}
 
 
 def main() -> None:
@@ -61,10 +74,11 @@ def main() -> None:
                     cfg = PCRConfig(**eval(f"dict({name[4:]})"))
                 else:  # experimental objective: "obj:<PCRConfig kwargs for the augmentation>|<SampleObjective kwargs>"
                     aug_kw, obj_kw = name[4:].split("|")
-                    cfg = PCRConfig(**eval(f"dict({aug_kw})"))
+                    cfg = PCRConfig(**{"mode": "online", **eval(f"dict({aug_kw})")})
                     objective = SampleObjective(steps=args.steps, poison_token=_first_target_id(),
                                                 **eval(f"dict({obj_kw})"))
-                r = run_experiment(attack=attack, defense="none" if cfg is None else "pcr", pcr=cfg,
+                r = run_experiment(attack=UNSEEN_TRIGGERS.get(attack, attack), defense="none" if cfg is None else "pcr",
+                                   pcr=cfg,
                                    steps=args.steps, seed=seed, poison_ratio=args.poison_ratio,
                                    progress=False, diagnostics=True, objective=objective,
                                    pcr_warmup=0.0 if objective is not None else args.warmup)
@@ -74,6 +88,9 @@ def main() -> None:
                 keys = ["asr", "asr_caption", "asr_question", "clean_accuracy", "bleu", "false_trigger_rate",
                         "target_prob_triggered", "target_prob_triggered_augmented"]
                 print(name, attack, seed, {k: round(r[k], 3) for k in keys}, r["wall"], flush=True)
+                for sc in r.get("scans", []):
+                    print(f"   scan at step {sc['step']}: flagged {sc['flagged_poisoned']} poisoned + "
+                          f"{sc['flagged_clean']} clean, target tokens {sc['target_tokens']}", flush=True)
                 if r.get("flag_log"):
                     fl = r["flag_log"]
                     chunks = [fl[i:i + 6] for i in range(0, len(fl), 6)]

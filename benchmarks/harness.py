@@ -23,7 +23,6 @@ Peak memory
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata
 import json
 import math
 import os
@@ -45,38 +44,14 @@ SCHEMA_VERSION = 1
 
 
 # --------------------------------------------------------------------------- environment
-def _version(dist: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+from pcr_fast.environment import cpu_name as _cpu_name  # noqa: E402  (shared with the demo's records)
+from pcr_fast.environment import git_commit as _git_commit  # noqa: E402
+from pcr_fast.environment import package_version as _version  # noqa: E402
 
 
 def git_commit(repo: Path = REPO_ROOT) -> Dict[str, Any]:
     """``{"commit": sha or "uncommitted", "dirty": bool or None}`` of the repository."""
-    def _git(*args: str) -> Optional[str]:
-        try:
-            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                                 timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    sha = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain")
-    return {"commit": sha if sha and re.fullmatch(r"[0-9a-f]{40}", sha) else "uncommitted",
-            "dirty": None if status is None else bool(status)}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _git_commit(repo)
 
 
 def _nvidia_driver() -> Optional[str]:

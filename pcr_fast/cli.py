@@ -180,7 +180,8 @@ def _demo(args) -> int:
             _print_run(runs[-1], len(runs), len(jobs_spec))
     config = {"attacks": args.attacks, "poison_ratio": args.poison_ratio, "steps": args.steps, "seeds": seeds,
               "model": args.model, "batch_size": args.batch_size, "lr": args.lr, "target": target,
-              "pcr": pcr.to_dict(), "pcr_warmup": args.pcr_warmup, "seconds": round(time.perf_counter() - t0, 1)}
+              "pcr": pcr.to_dict(), "pcr_warmup": args.pcr_warmup if pcr.mode == "online" else None,
+              "device": args.device, "jobs": jobs, "seconds": round(time.perf_counter() - t0, 1)}
     print()
     print(f"Poison ratio {args.poison_ratio:.0%}, {args.steps} steps, model {args.model}, seeds {seeds} "
           "(rates in %, mean ± std over seeds):")

@@ -72,7 +72,7 @@ def check_trainer(rank, world, samples, ref_model_grads):
     from pcr_fast import PCRConfig
 
     trainer = PCRTrainer(model=model, args=args, train_dataset=samples, data_collator=collate,
-                         pcr=PCRConfig(**LOSS), pcr_augment=flip)
+                         pcr=PCRConfig(**LOSS, mode="online"), pcr_augment=flip)
     trainer.train()
     err = max(float((p.detach() - (initial[n] - LR * ref_model_grads[n])).abs().max())
               for n, p in model.named_parameters())

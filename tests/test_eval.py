@@ -219,13 +219,34 @@ def test_qwen2_vl_rows_layout_and_run():
     assert r["model"] == "qwen2_vl" and 0.0 <= r["asr"] <= 1.0
 
 
-def test_run_experiment_pcr_without_warmup_and_bad_warmup():
+def test_run_experiment_online_mode_without_warmup_and_bad_warmup():
+    from dataclasses import replace
+
     from pcr_fast.eval.defaults import DEMO_PCR_CONFIG
 
-    r = run_experiment(attack="sig", defense="pcr", pcr=DEMO_PCR_CONFIG, pcr_warmup=0.0, seed=2, **_TINY)
+    online = replace(DEMO_PCR_CONFIG, mode="online")
+    r = run_experiment(attack="sig", defense="pcr", pcr=online, pcr_warmup=0.0, seed=2, **_TINY)
     assert r["pcr_warmup"] == 0.0 and r["pcr"]["gate_weight"] == DEMO_PCR_CONFIG.gate_weight
+    assert "scans" not in r
     with pytest.raises(ValueError, match="pcr_warmup"):
         run_experiment(defense="pcr", pcr_warmup=1.0, **_TINY)
+
+
+def test_run_experiment_scan_mode_scans_on_schedule():
+    """The default defense: plain SFT, then scans of the whole training set at the scheduled
+    steps; the result says what each scan flagged (split by the true poisoned ids)."""
+    from dataclasses import replace
+
+    from pcr_fast.eval.defaults import DEMO_PCR_CONFIG
+
+    cfg = replace(DEMO_PCR_CONFIG, scan_at=(0.25, 0.75))
+    r = run_experiment(attack="blended", defense="pcr", pcr=cfg, poison_ratio=0.1, seed=1, **{**_TINY, "steps": 4})
+    assert [s["step"] for s in r["scans"]] == [1, 3] and r["pcr_warmup"] is None
+    for s in r["scans"]:
+        assert s["flagged"] == s["flagged_poisoned"] + s["flagged_clean"]
+        assert s["scans"] >= 1 and isinstance(s["target_tokens"], list)
+    assert r["scan_summary"]["scans"] == 2 and r["pcr"]["mode"] == "scan"
+    json.dumps(r)
 
 
 def test_generation_never_emits_special_tokens():

@@ -23,7 +23,7 @@ def training_args(tmp_path, **overrides):
     return transformers.TrainingArguments(**kwargs)
 
 
-PCR = PCRConfig(backend="torch", entropy_weight=0.1, divergence_weight=0.5, gate_weight=0.0,
+PCR = PCRConfig(mode="online", backend="torch", entropy_weight=0.1, divergence_weight=0.5, gate_weight=0.0,
                 shuffle=True, mask_ratio=0.25, unit="token")  # the literal objective
 
 

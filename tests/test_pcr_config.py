@@ -66,14 +66,15 @@ def test_pcr_trainer_warmup_uses_the_plain_loss_first(tmp_path, monkeypatch):
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=5, learning_rate=1e-3,
         remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
     trainer = PCRTrainer(model=model, args=args, train_dataset=make_samples(make_batch, 8),
-                         data_collator=collate, pcr=PCRConfig(backend="torch", warmup_steps=3, patch_size=4))
+                         data_collator=collate, pcr=PCRConfig(mode="online", backend="torch", warmup_steps=3, patch_size=4))
     trainer.train()
     assert len(calls) == 2  # steps 3 and 4 (0-based) use PCR, steps 0-2 the model's own loss
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3", "gemma3", "mllama", "internvl"])
 def test_default_defense_runs_on_every_layout(family):
-    """PCRConfig() as shipped (half-token mask-only view, cross-view gate) end to end."""
+    """PCRConfig()'s per-batch objective (mode="online": half-token mask-only view, cross-view
+    gate) end to end; compute_pcr_loss without a memory always runs it."""
     from pcr_fast import compute_pcr_loss
 
     model, make_batch = build_tiny_model(family)

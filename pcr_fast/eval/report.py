@@ -64,7 +64,11 @@ def write_results(runs: List[Dict], out_dir: str, config: Dict) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({"runs": runs, "summary": summarize(runs), "config": config}, f, indent=2, default=str)
+        from ..environment import basic_record
+
+        env = basic_record(config.get("device"))
+        json.dump({"runs": runs, "summary": summarize(runs), "config": config, "environment": env}, f, indent=2,
+                  default=str)
     return path
 
 

@@ -64,10 +64,12 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
         seed: fixes the data split, the poisoned samples, the model init and the batches.
         model: model family (``"llava"``).
         pcr: a :class:`pcr_fast.PCRConfig` (``None``: :data:`pcr_fast.eval.defaults.DEMO_PCR_CONFIG`).
-        pcr_warmup: fraction of ``steps`` trained with plain CE before the PCR loss switches on
-            (``None``: :data:`pcr_fast.eval.defaults.DEMO_PCR_WARMUP`). Why: the cross-view
-            gate assumes the model already answers from the image content, as a pretrained
-            model does; trained from scratch it first has to learn that.
+        pcr_warmup: ``mode="online"`` only: fraction of ``steps`` trained with plain CE before
+            the per-batch loss switches on (``None``: :data:`pcr_fast.eval.defaults.DEMO_PCR_WARMUP`).
+            Why: the cross-view gate assumes the model already answers from the image content,
+            as a pretrained model does; trained from scratch it first has to learn that.
+            ``mode="scan"`` (the default) trains plain SFT until its first scan
+            (``pcr.scan_at``) and ignores it.
         objective: experimental: ``objective(model, inputs, augment) -> scalar loss`` replacing
             the PCR loss (for trying objectives the public API does not express).
         progress: show a tqdm bar (True), nothing (False), or call ``progress(n)`` with the
@@ -78,7 +80,9 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
             shuffle + 25 % mask (the literal method's augmentation).
     Returns:
         dict with at least :data:`RESULT_KEYS` (rates are fractions in [0, 1]), plus per-task
-        ASR, the configuration and timings.
+        ASR, the configuration and timings; in scan mode also ``scans`` (per scan: its step,
+        how many samples are flagged, split into truly poisoned / clean, the target tokens)
+        and ``scan_summary``.
     """
     if defense not in DEFENSES:
         raise ValueError(f"defense must be one of {DEFENSES}, got {defense!r}")
@@ -132,7 +136,7 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
         # seeded by the run's seed unless the config fixes one: runs are reproducible
         # (patch_size=None: the model's visual-token unit, read from the model)
         augment = replace(pcr, seed=seed if pcr.seed is None else pcr.seed).make_augment(net)
-        if pcr.mode == "scan":
+        if pcr.mode == "scan" and objective is None:
             memory = pcr.make_memory(len(samples), net.get_output_embeddings().weight.shape[0], device=dev)
             scan_steps = {s: i for i, s in enumerate(pcr.scan_steps(steps))}
             warmup_steps = 0  # plain SFT until the first scan: the scan schedule is the warm-up

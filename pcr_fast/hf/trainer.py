@@ -13,6 +13,13 @@ over the steps since the last log and added to the Trainer's logs.
 
 Use ``remove_unused_columns=False`` (the batch carries family-specific keys) and, with
 gradient checkpointing, ``gradient_checkpointing_kwargs={"use_reentrant": False}``.
+
+Scan-and-unlearn (``PCRConfig(mode="scan")``, the default): plain SFT until the first scan;
+before the optimisation steps ``config.scan_steps(max_steps)`` the whole training set is
+scanned (:func:`pcr_fast.hf.scan_dataset`, through ``get_train_dataloader()``) into
+``trainer.pcr_memory``; afterwards flagged samples are dropped from the CE and target tokens
+unlearned. Batches must carry ``sample_ids`` (training-set row ids). Evaluation uses the
+model's own loss. With ``mode="online"`` every step runs the two-view ``TwoViewLoss``.
 """
 from __future__ import annotations
 
@@ -23,12 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from ..config import PCRConfig
+from ..scan import BackdoorMemory
 from . import adapters
 from .compute import compute_pcr_loss
+from .scan import scan_dataset
 
 logger = logging.getLogger(__name__)
 
-_LOG_KEYS = ("ce", "divergence", "divergence_term", "entropy", "gated_fraction")
+_LOG_KEYS = ("ce", "divergence", "divergence_term", "entropy", "gated_fraction", "unlikelihood", "dropped_fraction")
 
 
 class PCRTrainerMixin:
@@ -38,15 +47,25 @@ class PCRTrainerMixin:
         pcr: :class:`~pcr_fast.PCRConfig` (defaults to ``PCRConfig()``).
         pcr_augment: a custom ``pixel_values -> pixel_values`` callable (default:
             ``pcr.make_augment(model)``).
-        pcr_loss: a custom :class:`~pcr_fast.TwoViewLoss` (default: ``pcr.make_loss()``).
+        pcr_loss: a custom :class:`~pcr_fast.TwoViewLoss` (``mode="online"``; default:
+            ``pcr.make_loss()``).
+        pcr_memory: a :class:`~pcr_fast.BackdoorMemory` to fill (``mode="scan"``; default: one
+            sized from the training set and the lm_head, made at the first scan).
     """
 
     def __init__(self, *args, pcr: Optional[PCRConfig] = None, pcr_augment: Optional[Callable] = None,
-                 pcr_loss: Optional[nn.Module] = None, **kwargs):
+                 pcr_loss: Optional[nn.Module] = None, pcr_memory: Optional[BackdoorMemory] = None, **kwargs):
         super().__init__(*args, **kwargs)
         if pcr is not None and not isinstance(pcr, PCRConfig):
             raise ValueError(f"pcr must be a PCRConfig, got {type(pcr).__name__}")
         self.pcr_config = pcr or PCRConfig()
+        if self.pcr_config.mode == "scan" and pcr_loss is not None:
+            raise ValueError("pcr_loss is the per-batch objective of PCRConfig(mode='online'); "
+                             "mode='scan' trains with CE + unlikelihood from its scans")
+        if pcr_memory is not None and not isinstance(pcr_memory, BackdoorMemory):
+            raise ValueError(f"pcr_memory must be a BackdoorMemory, got {type(pcr_memory).__name__}")
+        self.pcr_memory = pcr_memory
+        self._pcr_scanned: set = set()
         self.pcr_augment = pcr_augment
         self.pcr_loss = pcr_loss
         # our loss is normalised by num_items_in_batch like a HF model's: make the Trainer
@@ -69,16 +88,45 @@ class PCRTrainerMixin:
             self.pcr_augment = self.pcr_config.make_augment(adapters.unwrap_model(model))
         return self.pcr_augment
 
+    def pcr_scan(self, model: Optional[nn.Module] = None) -> Dict[str, object]:
+        """Scan the whole training set now (what the scan schedule calls); returns the summary."""
+        model = model if model is not None else self.model
+        if self.pcr_memory is None:
+            head = adapters.find_lm_head(model)
+            self.pcr_memory = self.pcr_config.make_memory(len(self.train_dataset), head.weight.shape[0],
+                                                          device=head.weight.device)
+        summary = scan_dataset(model, self.get_train_dataloader(), self.pcr_memory, config=self.pcr_config,
+                               augment=self._pcr_augment_for(model), prepare=self._prepare_inputs,
+                               progress=not self.args.disable_tqdm and self.is_world_process_zero())
+        logger.info("PCR scan at step %d: %s", self.state.global_step, summary)
+        return summary
+
+    def _plain_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The plain SFT loss of the model itself (one view, HF loss)."""
+        plain = {k: v for k, v in inputs.items() if k not in (adapters.AUGMENTED_KEY, adapters.SAMPLE_IDS_KEY)}
+        return super().compute_loss(model, plain, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
     def compute_loss(self, model: nn.Module, inputs: Dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch=None):
-        if model.training and self.state.global_step < self.pcr_config.warmup_steps:
-            # warm-up: the plain SFT loss of the model itself (one view, HF loss)
-            plain = {k: v for k, v in inputs.items() if k != adapters.AUGMENTED_KEY}
-            return super().compute_loss(model, plain, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-        augment = None if "augmented_pixel_values" in inputs else self._pcr_augment_for(model)
-        out = compute_pcr_loss(model, inputs, augment=augment, loss_fn=self.pcr_loss, config=self.pcr_config,
-                               num_items_in_batch=num_items_in_batch)
+        scan_mode = self.pcr_config.mode == "scan"
+        if scan_mode and model.training:
+            step = self.state.global_step
+            if step not in self._pcr_scanned and step in self.pcr_config.scan_steps(max(1, self.state.max_steps)):
+                self._pcr_scanned.add(step)
+                self.pcr_scan(model)
+        if not model.training and scan_mode:
+            return self._plain_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training and (self.state.global_step < self.pcr_config.warmup_steps
+                               or (scan_mode and (self.pcr_memory is None or not self.pcr_memory.active))):
+            return self._plain_loss(model, inputs, return_outputs, num_items_in_batch)
+        if scan_mode:
+            out = compute_pcr_loss(model, inputs, config=self.pcr_config, memory=self.pcr_memory,
+                                   num_items_in_batch=num_items_in_batch)
+        else:
+            augment = None if "augmented_pixel_values" in inputs else self._pcr_augment_for(model)
+            out = compute_pcr_loss(model, inputs, augment=augment, loss_fn=self.pcr_loss, config=self.pcr_config,
+                                   num_items_in_batch=num_items_in_batch)
         loss = out.loss
         if (num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False)):
             # num_items_in_batch counts every process's tokens while DDP averages gradients
