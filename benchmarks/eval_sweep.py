@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 
 import torch
 

@@ -1,14 +1,21 @@
-"""``PCRConfig``: everything the PCR defense needs, in one record (augmentation + loss).
+"""``PCRConfig``: everything the PCR defense needs, in one record (augmentation, detector,
+objective).
 
 The HF integration (:mod:`pcr_fast.hf`) and the evaluation harness (:mod:`pcr_fast.eval`)
-both build their ``PatchAugment`` and ``TwoViewLoss`` from it, so the defense's defaults
-live here once. They come from the evaluation harness (README, "Does the defense work?",
-and benchmarks/EVAL_NOTES.md): mask half the image in half-visual-token units, no shuffle;
-CE + the cross-view gate (λ = 19, τ = 0.1 nats, κ = 3 nats), no per-token pull-apart (it
-hurt clean quality and was satisfiable by a shortcut). With these settings no gradient
-flows through the augmented view, so ``detach_augmented=True`` gives the same update for
-about a third less compute; the default stays False (train both views) as the method's
-literal form needs it when ``divergence_weight``/``entropy_weight`` are used.
+both build their ``PatchAugment``, ``BackdoorMemory`` and ``TwoViewLoss`` from it, so the
+defense's defaults live here once. They come from the evaluation harness (README, "Does the
+defense work?", and benchmarks/EVAL_NOTES.md §8):
+
+* ``mode="scan"`` (default): scan-and-unlearn (:mod:`pcr_fast.scan`). Scans of the whole
+  training set at ``scan_at`` (40/50/60/70 % of training) with ``gate_views`` masked draws
+  (half-visual-token units, 50 % masked, mean fill, no shuffle); a response is flagged when
+  the original view is sure of it (CE < ``scan_original_confidence``) and a masked view
+  predicts it the same way (symmetric KL < ``gate_threshold``, CE < ``gate_confidence``);
+  tokens whose samples are ≥ ``target_share`` flagged are unlearned (``unlearn_weight``),
+  flagged samples leave the CE.
+* ``mode="online"``: the per-batch ``TwoViewLoss`` (literal pull-apart and/or the
+  cross-view gate: ``gate_weight`` λ = 19, τ, κ, ``gate_max_fraction``), measured weaker.
+
 ``TwoViewLoss``'s own constructor defaults keep the literal PCR form (pull-apart on, gate
 off) since the gate needs (B, T) labels.
 """

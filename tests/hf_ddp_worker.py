@@ -7,6 +7,9 @@ Checks, on CPU with the gloo backend:
    own FSDP unit gives a clear error.
 3. ``PCRTrainer`` under torchrun (accelerate's DDP): one SGD step equals
    ``params - lr · grad`` of the single-process loss on the same global batch.
+4. Scan-and-unlearn: ``BackdoorMemory.end_scan()`` merges the ranks' scans (union of flags,
+   summed token counts) into what one process recording everything finds; ``PCRTrainer`` in
+   scan mode scans each rank's shard and every rank ends with the whole set's flags.
 Rank 0 writes a JSON verdict to ``argv[1]``.
 """
 import json
@@ -120,6 +123,50 @@ def check_fsdp2(rank, world, samples, ref_loss, ref_grads):
             "fsdp_separate_head_error": separate_head}
 
 
+def check_scan(rank, world, samples):
+    from pcr_fast import BackdoorMemory, PCRConfig
+
+    # 4a. the merge: rank r records samples r, r + world, ...; flags on even ids
+    n, vocab = 12, 9
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 7, (n, 4), generator=gen)
+    labels[labels == 6] = -100
+    labels[::3, 0] = 7                          # token 7: only in samples 0, 3, 6, 9
+    flags = torch.zeros(n, dtype=torch.bool)
+    flags[::3] = True                           # ... all flagged: 7 must be a target
+    expected = torch.zeros(vocab, dtype=torch.bool)   # the rule, written out over all samples
+    for v in range(vocab):
+        has = [(labels[i] == v).any().item() for i in range(n)]
+        occ = sum(has)
+        hit = sum(h and bool(flags[i]) for i, h in enumerate(has))
+        expected[v] = occ >= 2 and hit / occ >= 0.9
+    mine = torch.arange(rank, n, world)
+    merged = BackdoorMemory(n, vocab, min_support=2, target_share=0.9)
+    merged.begin_scan()
+    merged.record(mine, labels[mine], flags[mine])
+    merged.end_scan()
+    ok = bool(torch.equal(merged.flags, flags) and torch.equal(merged.targets, expected) and bool(expected[7]))
+    # 4b. PCRTrainer in scan mode: each rank scans its shard; every rank ends with all flags
+    from transformers import TrainingArguments
+
+    model, _ = build_tiny_model(FAMILY)
+    with_ids = [{**smp, "sample_ids": torch.tensor([i])} for i, smp in enumerate(samples)]
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=1, max_steps=1,
+                             remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, ddp_backend="gloo", seed=0)
+    cfg = PCRConfig(backend="torch", scan_at=(0.0,), gate_threshold=1e-3, gate_confidence=1e9,
+                    scan_original_confidence=1e9, gate_views=1, min_support=1)
+    trainer = PCRTrainer(model=model, args=args, train_dataset=with_ids, data_collator=collate, pcr=cfg,
+                         pcr_augment=lambda pixel_values, **kw: pixel_values.clone())
+    trainer.train()
+    all_flagged = torch.tensor(int(bool(trainer.pcr_memory.flags.all())))
+    dist.all_reduce(all_flagged, op=dist.ReduceOp.MIN)
+    ok_t = torch.tensor(int(ok))
+    dist.all_reduce(ok_t, op=dist.ReduceOp.MIN)
+    return {"scan_merge_ok": bool(ok_t), "scan_trainer_all_flagged": bool(all_flagged),
+            "scan_trainer_scans": trainer.pcr_memory.scans}
+
+
 def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -133,6 +180,8 @@ def main():
     verdict.update(check_fsdp2(rank, world, samples, ref_loss, ref_grads))
     dist.barrier()
     verdict.update(check_trainer(rank, world, samples, ref_grads))
+    dist.barrier()
+    verdict.update(check_scan(rank, world, samples))
     if rank == 0:
         with open(sys.argv[1], "w") as fh:
             json.dump(verdict, fh)

@@ -1,4 +1,5 @@
-"""DDP and FSDP2 on CPU (gloo), 2 processes through torchrun: same loss/gradients as one process."""
+"""DDP and FSDP2 on CPU (gloo), 2 processes through torchrun: same loss/gradients as one process;
+scan-and-unlearn's memory merges the ranks' scans."""
 import json
 import os
 import socket
@@ -41,3 +42,6 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
     assert verdict["trainer_param_moved"] > 1e-3
     assert verdict["trainer_param_err"] < 1e-5
     assert set(verdict["trainer_logged"]) == {"pcr/ce", "pcr/divergence", "pcr/divergence_term", "pcr/entropy"}
+    # 4. scan-and-unlearn: the ranks' scans merge into the whole training set's flags/targets
+    assert verdict["scan_merge_ok"]
+    assert verdict["scan_trainer_all_flagged"] and verdict["scan_trainer_scans"] == 1

@@ -64,6 +64,28 @@ def test_scan_batch_flags_follow_the_views(family):
     assert not scan_batch(model, batch, mem2, config=PCRConfig(backend="torch"), augment=identity).any()
 
 
+def test_scan_batch_looks_at_every_draw():
+    """gate_views draws, flagged if invariant under ANY: the first draw scrambles, the second
+    is the identity; one draw flags nothing, two flag everything."""
+    model, make_batch = build_tiny_model("llava")
+    batch = collate(with_ids(make_samples(make_batch, 3, seed=3)))
+    changed = naive_max_sym_kl(model, batch, scramble(batch["pixel_values"]))
+    calls = []
+
+    def scramble_then_identity(pixel_values, image_grid_thw=None, generator=None):
+        calls.append(1)
+        return scramble(pixel_values) if len(calls) % 2 == 1 else identity(pixel_values)
+
+    for views, expected in ((1, False), (2, True)):
+        calls.clear()
+        cfg = PCRConfig(gate_threshold=0.5 * float(changed.min()), gate_confidence=1e9,
+                        scan_original_confidence=1e9, gate_views=views, backend="torch")
+        mem = BackdoorMemory(3, vocab_of(model))
+        mem.begin_scan()
+        flags = scan_batch(model, batch, mem, config=cfg, augment=scramble_then_identity)
+        assert len(calls) == views and bool(flags.all()) is expected and bool(flags.any()) is expected
+
+
 def test_scan_dataset_restores_train_mode_and_counts_every_sample():
     model, make_batch = build_tiny_model("llava")
     model.train()
