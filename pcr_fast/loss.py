@@ -52,6 +52,11 @@ class TwoViewLossOutput:
         return out
 
 
+def unlikelihood_from_ce(ce: Tensor) -> Tensor:
+    """−log(1 − p(y)) from the CE −log p(y), stable near p(y) → 1."""
+    return -torch.log(-torch.expm1(-ce.clamp_min(1e-6)))
+
+
 def _choice(name: str, value: str, allowed) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -212,10 +217,7 @@ class TwoViewLoss(nn.Module):
             decisive = torch.where(new, decisive_k.view(rows, -1), decisive.view(rows, -1)).reshape(-1)
             return flag | flag_k, decisive
 
-    @staticmethod
-    def unlikelihood(ce: Tensor) -> Tensor:
-        """−log(1 − p(y)) from the CE −log p(y), stable near p(y) → 1."""
-        return -torch.log(-torch.expm1(-ce.clamp_min(1e-6)))
+    unlikelihood = staticmethod(unlikelihood_from_ce)
 
     def _stats_kwargs(self) -> dict:
         return dict(temperature=self.temperature, softcap=self.softcap, ignore_index=self.ignore_index,

@@ -35,6 +35,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .loss import unlikelihood_from_ce
 from .stats import two_view_stats
 
 logger = logging.getLogger(__name__)
@@ -270,11 +271,6 @@ class UnlearningLossOutput:
     num_tokens: Tensor          # labelled tokens in the batch
 
 
-def unlikelihood_from_ce(ce: Tensor) -> Tensor:
-    """−log(1 − p) from the CE −log p, stable near p → 1."""
-    return -torch.log(-torch.expm1(-ce.clamp_min(1e-6)))
-
-
 def unlearning_loss(h_a: Tensor, weight: Tensor, labels: Tensor, drop: Tensor, unlearn: Tensor, *,
                     bias: Optional[Tensor] = None, num_items_in_batch=None, unlearn_weight: float = 1.0,
                     temperature: float = 1.0, softcap: Optional[float] = None, ignore_index: int = -100,
@@ -307,7 +303,7 @@ def unlearning_loss(h_a: Tensor, weight: Tensor, labels: Tensor, drop: Tensor, u
     den = (torch.as_tensor(num_items_in_batch, dtype=dtype, device=n_lab.device)
            if num_items_in_batch is not None else n_lab.clamp_min(1))
     ce_sum = (st.ce_a * keep).sum()
-    ul_sum = (unlikelihood_from_ce(st.ce_a) * unl).sum() if unlearn_weight > 0 else st.ce_a.sum() * 0
+    ul_sum = (unlikelihood_from_ce(st.ce_a) * unl).sum()
     loss = (ce_sum + unlearn_weight * ul_sum) / den
     with torch.no_grad():
         return UnlearningLossOutput(

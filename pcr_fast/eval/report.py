@@ -7,6 +7,8 @@ import os
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Sequence
 
+from ..environment import basic_record
+
 METRICS = ("asr", "clean_accuracy", "bleu", "false_trigger_rate")
 
 
@@ -63,12 +65,10 @@ def write_results(runs: List[Dict], out_dir: str, config: Dict) -> str:
     """results.json with the runs (top-level ``runs``), the per-attack summary and the config."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
+    record = {"runs": runs, "summary": summarize(runs), "config": config,
+              "environment": basic_record(config.get("device"))}
     with open(path, "w", encoding="utf-8") as f:
-        from ..environment import basic_record
-
-        env = basic_record(config.get("device"))
-        json.dump({"runs": runs, "summary": summarize(runs), "config": config, "environment": env}, f, indent=2,
-                  default=str)
+        json.dump(record, f, indent=2, default=str)
     return path
 
 

@@ -130,7 +130,7 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
 
     augment = loss_fn = compute_loss = memory = None
-    scan_steps: Dict[int, int] = {}
+    scan_steps: frozenset = frozenset()
     if defense == "pcr":
         _, compute_loss = _pcr_api()
         # seeded by the run's seed unless the config fixes one: runs are reproducible
@@ -138,10 +138,13 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
         augment = replace(pcr, seed=seed if pcr.seed is None else pcr.seed).make_augment(net)
         if pcr.mode == "scan" and objective is None:
             memory = pcr.make_memory(len(samples), net.get_output_embeddings().weight.shape[0], device=dev)
-            scan_steps = {s: i for i, s in enumerate(pcr.scan_steps(steps))}
+            scan_steps = frozenset(pcr.scan_steps(steps))
             warmup_steps = 0  # plain SFT until the first scan: the scan schedule is the warm-up
         else:
             loss_fn = pcr.make_loss()
+
+    def batch_of(idx):
+        return builder.training_inputs(pix[idx], [prompts[i] for i in idx], [responses[i] for i in idx])
 
     gen = torch.Generator().manual_seed(int(seed) + 1)
     order = torch.randperm(len(samples), generator=gen)
@@ -151,13 +154,12 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
     bar = _progress(steps, f"{attack_name(attack)}/{defense}", progress)
     for step in range(steps):
         if step in scan_steps:
-            scans.append(_scan(net, builder, pix, prompts, responses, memory, pcr, augment, dev, poisoned, step))
+            scans.append(_scan(net, batch_of, len(samples), memory, pcr, augment, poisoned, step, tokenizer))
         if cursor + batch_size > len(order):
             order, cursor = torch.randperm(len(samples), generator=gen), 0
         idx = order[cursor:cursor + batch_size].tolist()
         cursor += batch_size
-        inputs = builder.training_inputs(pix[idx], [prompts[i] for i in idx], [responses[i] for i in idx])
-        inputs = {k: v.to(dev) for k, v in inputs.items()}
+        inputs = {k: v.to(dev) for k, v in batch_of(idx).items()}
         if defense == "none" or step < warmup_steps or (memory is not None and not memory.active):
             loss = net(**inputs).loss
         elif objective is not None:
@@ -211,23 +213,21 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
     return result
 
 
-def _scan(net, builder: BatchBuilder, pix: Tensor, prompts, responses, memory, pcr, augment, device,
-          poisoned, step: int, batch_size: int = 256) -> Dict:
+def _scan(net, batch_of: Callable, num_samples: int, memory, pcr, augment, poisoned, step: int, tokenizer,
+          batch_size: int = 256) -> Dict:
     """One PCR scan of the whole (poisoned) training set; returns what it flagged."""
     from pcr_fast.hf import scan_dataset
 
     def batches():
-        for s in range(0, len(responses), batch_size):
-            idx = list(range(s, min(len(responses), s + batch_size)))
-            inputs = builder.training_inputs(pix[idx], [prompts[i] for i in idx], [responses[i] for i in idx])
-            inputs["sample_ids"] = torch.tensor(idx)
-            yield inputs
+        for s in range(0, num_samples, batch_size):
+            idx = list(range(s, min(num_samples, s + batch_size)))
+            yield {**batch_of(idx), "sample_ids": torch.tensor(idx)}
 
     t = time.perf_counter()
-    summary = scan_dataset(net, batches(), memory, config=pcr, augment=augment)
-    summary.update(step=step, seconds=round(time.perf_counter() - t, 2), **memory.summary(poisoned))
+    scan_dataset(net, batches(), memory, config=pcr, augment=augment)
+    summary = {**memory.summary(poisoned), "step": step, "seconds": round(time.perf_counter() - t, 2)}
     logger.info("PCR scan at step %d: %d flagged (%d poisoned), target tokens %s", step, summary["flagged"],
-                summary["flagged_poisoned"], builder.tokenizer.convert_ids_to_tokens(summary["target_tokens"]))
+                summary["flagged_poisoned"], tokenizer.convert_ids_to_tokens(summary["target_tokens"]))
     return summary
 
 

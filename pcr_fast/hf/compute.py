@@ -63,7 +63,7 @@ def _cached_augment(model: nn.Module, cfg: PCRConfig) -> Callable:
     batch would give every batch the same permutation and mask.
     """
     inner = adapters.unwrap_model(model)
-    key = (cfg.patch_size, cfg.shuffle, cfg.mask_ratio, cfg.fill, cfg.seed)
+    key = (cfg.patch_size, cfg.unit, cfg.shuffle, cfg.mask_ratio, cfg.fill, cfg.seed)
     cached = _AUGMENTS.get(inner)
     if cached is None or cached[0] != key:
         cached = (key, cfg.make_augment(inner))

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..config import PCRConfig
 from ..scan import BackdoorMemory, cross_view_flags
 from . import adapters
+from .compute import _cached_augment, _shifted
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +40,10 @@ def shifted_targets(hidden: Tensor, inputs: Mapping[str, Any]):
     """(hidden, labels) aligned for a causal LM: position t predicts token t+1 (or the
     collator's ``shift_labels`` as given)."""
     shift_labels = inputs.get("shift_labels")
-    if isinstance(shift_labels, Tensor):
-        return hidden, shift_labels
     labels = inputs.get("labels")
-    if not isinstance(labels, Tensor):
+    if not isinstance(labels, Tensor) and not isinstance(shift_labels, Tensor):
         raise ValueError("inputs must contain 'labels' (B, T) (or 'shift_labels'): PCR needs targets")
-    return hidden[:, :-1, :], labels[:, 1:]
+    return _shifted(hidden, labels, shift_labels if isinstance(shift_labels, Tensor) else None)
 
 
 @torch.no_grad()
@@ -64,7 +63,7 @@ def scan_batch(model: nn.Module, inputs: Mapping[str, Any], memory: BackdoorMemo
     head = adapters.find_lm_head(model)
     verified, softcap = adapters.verified_softcap(model)
     if augment is None:
-        augment = cfg.make_augment(adapters.unwrap_model(model))
+        augment = _cached_augment(model, cfg)
     model_inputs = adapters.model_inputs_of(inputs)
     shape = tuple(inputs["input_ids"].shape[:2])
     h_a, weight = adapters.forward_hidden(model, head, model_inputs, shape, verify=not verified)
@@ -96,7 +95,7 @@ def scan_dataset(model: nn.Module, batches: Iterable[Mapping[str, Any]], memory:
     the device (default: the model's). Returns :meth:`BackdoorMemory.summary`."""
     cfg = config or PCRConfig()
     if augment is None:
-        augment = cfg.make_augment(adapters.unwrap_model(model))
+        augment = _cached_augment(model, cfg)
     if prepare is None:
         device = next(adapters.unwrap_model(model).parameters()).device
 

@@ -37,8 +37,6 @@ from .scan import scan_dataset
 
 logger = logging.getLogger(__name__)
 
-_LOG_KEYS = ("ce", "divergence", "divergence_term", "entropy", "gated_fraction", "unlikelihood", "dropped_fraction")
-
 
 class PCRTrainerMixin:
     """Adds the PCR objective to a ``transformers.Trainer`` subclass (put it first in the bases).
@@ -110,15 +108,15 @@ class PCRTrainerMixin:
     def compute_loss(self, model: nn.Module, inputs: Dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch=None):
         scan_mode = self.pcr_config.mode == "scan"
-        if scan_mode and model.training:
-            step = self.state.global_step
-            if step not in self._pcr_scanned and step in self.pcr_config.scan_steps(max(1, self.state.max_steps)):
-                self._pcr_scanned.add(step)
-                self.pcr_scan(model)
-        if not model.training and scan_mode:
-            return self._plain_loss(model, inputs, return_outputs, num_items_in_batch)
-        if model.training and (self.state.global_step < self.pcr_config.warmup_steps
-                               or (scan_mode and (self.pcr_memory is None or not self.pcr_memory.active))):
+        step = self.state.global_step
+        if scan_mode and model.training and step not in self._pcr_scanned \
+                and step in self.pcr_config.scan_steps(max(1, self.state.max_steps)):
+            self._pcr_scanned.add(step)
+            self.pcr_scan(model)
+        # the model's own SFT loss: warm-up, scan mode before its first scan, scan-mode evaluation
+        scans_ready = self.pcr_memory is not None and self.pcr_memory.active
+        if (model.training and step < self.pcr_config.warmup_steps) or \
+                (scan_mode and (not model.training or not scans_ready)):
             return self._plain_loss(model, inputs, return_outputs, num_items_in_batch)
         if scan_mode:
             out = compute_pcr_loss(model, inputs, config=self.pcr_config, memory=self.pcr_memory,
@@ -133,10 +131,7 @@ class PCRTrainerMixin:
             loss = loss * self.accelerator.num_processes
         if model.training:
             with torch.no_grad():
-                for key in _LOG_KEYS:
-                    value = getattr(out, key, None)
-                    if value is None:
-                        continue
+                for key, value in out.log_dict(prefix="").items():
                     self._pcr_sums[key] = self._pcr_sums.get(key, 0) + value.detach().float()
                 self._pcr_count += 1
         if return_outputs:
