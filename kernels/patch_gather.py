@@ -28,11 +28,11 @@ program's channel.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .launch import tile_config
 
 
 @triton.jit
@@ -93,17 +93,6 @@ def _patch_gather_kernel(
     tl.store(dst_ptr + dst_base + ys64 * d_h + xs64 * d_w, out, mask=in_img)
 
 
-def _block_sizes(H: int, W: int, interpret: bool) -> tuple[int, int]:
-    """Tiles of ~4k elements on a GPU; larger tiles under the (one-program-at-a-time) interpreter."""
-    if interpret:
-        block_x = min(triton.next_power_of_2(W), 4096)
-        block_y = max(1, min(triton.next_power_of_2(H), 16384 // block_x))
-    else:
-        block_x = min(triton.next_power_of_2(W), 128)
-        block_y = max(1, min(triton.next_power_of_2(H), 4096 // block_x))
-    return block_y, block_x
-
-
 def patch_gather(
     src: torch.Tensor,
     dst: torch.Tensor,
@@ -137,8 +126,8 @@ def patch_gather(
     n_images = lead_shape[0] * lead_shape[1] * lead_shape[2]
     if n_images == 0 or height == 0 or width == 0 or channels == 0:
         return
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    block_y, block_x = _block_sizes(height, width, interpret)
+    cfg = tile_config("patch_gather", height, width)
+    block_y, block_x = cfg.block_n, cfg.block_v
     n_yblocks = triton.cdiv(height, block_y)
     grid = (n_images * channels * n_yblocks, triton.cdiv(width, block_x))
     fill_row_stride = fill.stride(0) if fill.dim() >= 1 else 0
@@ -150,5 +139,5 @@ def patch_gather(
         fill_row_stride,
         UH=unit_h, UW=unit_w, FILL_CH_DIV=fill_channel_div, NOISE=noise,
         BLOCK_Y=block_y, BLOCK_X=block_x,
-        num_warps=4,
+        num_warps=cfg.num_warps,
     )

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .two_view_common import grad_tiles, logit_tiles, scale_logits
-from .two_view_fwd import TileConfig, dot_mode, interpreting
+from .launch import TileConfig, dot_mode, tile_config
 
 
 @triton.jit
@@ -127,7 +127,7 @@ def two_view_backward(h_a: torch.Tensor, h_b: torch.Tensor, weight: torch.Tensor
     )
     if n == 0 or not any(x is not None for x in (out.d_h_a, out.d_h_b, out.d_weight, out.d_bias)):
         return out
-    cfg = config or default_backward_config(n, d, v)
+    cfg = config or tile_config("two_view_bwd", n, v, d)
     dot_fp32, precision = dot_mode(h_a.dtype)
     dummy = stats
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
@@ -150,10 +150,3 @@ def two_view_backward(h_a: torch.Tensor, h_b: torch.Tensor, weight: torch.Tensor
     )
     return out
 
-
-def default_backward_config(n: int, d: int, v: int) -> TileConfig:
-    if interpreting():
-        return TileConfig(block_n=min(64, max(16, triton.next_power_of_2(n))),
-                          block_v=min(1024, max(16, triton.next_power_of_2(v))),
-                          block_d=min(128, max(16, triton.next_power_of_2(d))))
-    return TileConfig(block_n=64, block_v=64, block_d=64, num_warps=8, num_stages=2)

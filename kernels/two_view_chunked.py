@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .two_view_common import (empty_state, finalize_stats, fold_views, grad_tiles, scale_logits,
                               store_stats)
-from .two_view_fwd import interpreting
+from .launch import tile_config
 
 
 @triton.jit
@@ -78,12 +78,6 @@ def _chunk_grad_kernel(
         tl.store(pb, (g_b * cap_b * inv_temp).to(sb_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(n: int, v: int) -> tuple[int, int]:
-    if interpreting():
-        return min(64, max(16, triton.next_power_of_2(n))), min(4096, max(16, triton.next_power_of_2(v)))
-    return 16, 1024
-
-
 def chunk_stats(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Tensor,
                 stats_out: torch.Tensor, *, inv_temp: float, softcap: Optional[float],
                 ignore_index: int) -> None:
@@ -91,12 +85,13 @@ def chunk_stats(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Te
     n, v = logits_a.shape
     if n == 0:
         return
-    bn, bv = _blocks(n, v)
-    _chunk_stats_kernel[(triton.cdiv(n, bn),)](
+    cfg = tile_config("chunk_stats", n, v)
+    _chunk_stats_kernel[(triton.cdiv(n, cfg.block_n),)](
         logits_a, logits_b, labels, stats_out, n, v,
         logits_a.stride(0), logits_b.stride(0), stats_out.stride(0),
         float(inv_temp), float(softcap or 1.0), int(ignore_index),
-        HAS_SOFTCAP=softcap is not None, BLOCK_N=bn, BLOCK_V=bv, num_warps=4)
+        HAS_SOFTCAP=softcap is not None, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def chunk_grad_in_place(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Tensor,
@@ -106,9 +101,10 @@ def chunk_grad_in_place(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: 
     n, v = logits_a.shape
     if n == 0:
         return
-    bn, bv = _blocks(n, v)
-    _chunk_grad_kernel[(triton.cdiv(n, bn), triton.cdiv(v, bv))](
+    cfg = tile_config("chunk_grad", n, v)
+    _chunk_grad_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))](
         logits_a, logits_b, labels, stats, grads, n, v,
         logits_a.stride(0), logits_b.stride(0), stats.stride(0), grads.stride(0), grads.stride(1),
         float(inv_temp), float(softcap or 1.0), int(ignore_index),
-        HAS_SOFTCAP=softcap is not None, NEED_B=need_b, BLOCK_N=bn, BLOCK_V=bv, num_warps=4)
+        HAS_SOFTCAP=softcap is not None, NEED_B=need_b, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -7,33 +7,16 @@ Output: ``stats`` (8, N) float32 = ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b, lse_a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .launch import TileConfig, dot_mode, tile_config
 from .two_view_common import empty_state, finalize_stats, fold_views, logit_tiles, store_stats
 
 N_STATS = 8  # six statistics + the two log-sum-exps the backward needs
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Block sizes and launch shape (powers of two; ≥ 16 for tensor-core dots on GPU)."""
-
-    block_n: int = 64
-    block_v: int = 128
-    block_d: int = 64
-    num_warps: int = 8
-    num_stages: int = 2
-
-
-def interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -70,17 +53,6 @@ def _two_view_fwd_kernel(
     store_stats(stats_ptr, N, rows, row_mask, ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b, lse_a, lse_b)
 
 
-def dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
-    """(upcast operands to fp32?, tl.dot input_precision) for an input dtype.
-
-    The interpreter multiplies raw bits in bf16 dots, so it always upcasts; fp32 inputs use
-    IEEE fp32 dots (TF32 would cost ~1e-3 relative accuracy).
-    """
-    if interpreting() or dtype == torch.float32:
-        return True, "ieee"
-    return False, "tf32"
-
-
 def two_view_forward(h_a: torch.Tensor, h_b: torch.Tensor, weight: torch.Tensor,
                      bias: Optional[torch.Tensor], labels: torch.Tensor, *, inv_temp: float,
                      softcap: Optional[float], ignore_index: int,
@@ -88,7 +60,7 @@ def two_view_forward(h_a: torch.Tensor, h_b: torch.Tensor, weight: torch.Tensor,
     """Launch the fused forward; returns the (8, N) float32 statistics table."""
     n, d = h_a.shape
     v = weight.shape[0]
-    cfg = config or default_forward_config(n, d, v)
+    cfg = config or tile_config("two_view_fwd", n, v, d)
     stats = torch.empty((N_STATS, n), dtype=torch.float32, device=h_a.device)
     if n == 0:
         return stats
@@ -105,11 +77,3 @@ def two_view_forward(h_a: torch.Tensor, h_b: torch.Tensor, weight: torch.Tensor,
     )
     return stats
 
-
-def default_forward_config(n: int, d: int, v: int) -> TileConfig:
-    """Large tiles under the interpreter (its cost is per program step), Hopper-sized on GPU."""
-    if interpreting():
-        return TileConfig(block_n=min(64, max(16, triton.next_power_of_2(n))),
-                          block_v=min(2048, max(16, triton.next_power_of_2(v))),
-                          block_d=min(256, max(16, triton.next_power_of_2(d))))
-    return TileConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)

@@ -7,39 +7,25 @@ never need to know the objective.
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .backend_select import select_backend
-from .backends.params import StatsParams
+from .backends import OPS, select_backend
+from .backends.params import StatsParams, TwoViewStats
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "triton_chunked", "torch", "reference")
-BACKEND_ENV = "PCR_FAST_BACKEND"
+BACKENDS = OPS["stats"][0]
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-
-class TwoViewStats(NamedTuple):
-    """Per-row statistics, each (N,) float32 (float64 for float64 inputs).
-
-    ``p_a = softmax(softcap(h_a Wᵀ + b) / T)`` and likewise ``p_b``.
-    ``ce_*`` is 0 where ``labels == ignore_index``; KL and entropy cover every row.
-    """
-
-    ce_a: Tensor
-    ce_b: Tensor
-    kl_ab: Tensor  # KL(p_a || p_b)
-    kl_ba: Tensor  # KL(p_b || p_a)
-    ent_a: Tensor  # H(p_a)
-    ent_b: Tensor  # H(p_b)
+__all__ = ["BACKENDS", "TwoViewStats", "two_view_stats", "fused_chunked_objective", "resolve_backend"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``auto`` (or the ``PCR_FAST_BACKEND`` env var) to a concrete backend."""
-    return select_backend(backend, device, allowed=BACKENDS, env_var=BACKEND_ENV)
+    return select_backend("stats", backend, device)
 
 
 def default_chunk_size(backend: str, vocab: int, device: torch.device) -> int:
@@ -148,11 +134,11 @@ def two_view_stats(h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Tensor, *,
         dt = torch.float64 if h_a.dtype == torch.float64 else torch.float32
         return TwoViewStats(*(t.to(dt) for t in out))
     if resolved == "torch":
-        from .backends.torch_chunked import TorchChunkedStats
+        from .backends.pytorch import TorchChunkedStats
 
         fn = TorchChunkedStats
     else:
-        from .triton_function import TritonChunkedStats, TritonFusedStats
+        from .backends.triton import TritonChunkedStats, TritonFusedStats
 
         fn = TritonFusedStats if resolved == "triton" else TritonChunkedStats
     out = _opaque_apply(fn, h_a2, h_b2, weight, bias, labels1, params)
@@ -186,7 +172,7 @@ def fused_chunked_objective(h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Te
     params = StatsParams(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
                          ignore_index=int(ignore_index), detach_b=bool(detach_b),
                          chunk_size=int(chunk_size or default_chunk_size("triton_chunked", weight.shape[0], h_a.device)))
-    from .triton_function import TritonChunkedObjective
+    from .backends.triton import TritonChunkedObjective
 
     loss, table = _opaque_apply(TritonChunkedObjective, h_a2, h_b2, weight, bias, labels1, params, row_losses)
     return loss, TwoViewStats(*table.unbind(0))

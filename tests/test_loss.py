@@ -178,7 +178,7 @@ def test_token_mask_shape_is_checked():
 
 def test_triton_chunked_scalar_loss_takes_the_compute_minimal_path(monkeypatch):
     """Scalar objective + triton_chunked: gradients are formed in the forward (no recompute)."""
-    from pcr_fast import triton_function
+    from pcr_fast.backends import triton as triton_function
 
     calls = {"objective": 0, "stats_backward": 0}
     real_apply = triton_function.TritonChunkedObjective.apply

@@ -1,8 +1,10 @@
-"""The small frozen parameter record every backend takes."""
+"""The small records every backend takes or returns (no logic, so every layer can import them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
+
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -18,3 +20,41 @@ class StatsParams:
     ignore_index: int = -100
     detach_b: bool = False
     chunk_size: int = 1024
+
+
+class TwoViewStats(NamedTuple):
+    """Per-row statistics, each (N,) float32 (float64 for float64 inputs).
+
+    ``p_a = softmax(softcap(h_a Wᵀ + b) / T)`` and likewise ``p_b``.
+    ``ce_*`` is 0 where ``labels == ignore_index``; KL and entropy cover every row.
+    """
+
+    ce_a: Tensor
+    ce_b: Tensor
+    kl_ab: Tensor  # KL(p_a || p_b)
+    kl_ba: Tensor  # KL(p_b || p_a)
+    ent_a: Tensor  # H(p_a)
+    ent_b: Tensor  # H(p_b)
+
+
+@dataclass
+class UnitGrid:
+    """A pixel layout seen as a stack of images, each cut into units (see pcr_fast.augment).
+
+    ``layout``: ``"images"`` (B, C, H, W), ``"tiles"`` (B, T, …) / (B, N, T, …), or
+    ``"rows"`` (L, C·t·p·p flattened patches, one image per ``image_grid_thw`` segment).
+    """
+
+    layout: str
+    lead_shape: tuple            # image dims of the pixel layouts; (1,) for rows
+    n_images: int                # images the randomness and the fill are per
+    n_units: int                 # total units over all images
+    channels: int
+    height: int                  # pixel layouts: H; rows: L
+    width: int                   # pixel layouts: W; rows: C·t·p·p
+    unit_h: int                  # pixel rows per unit (rows layout: merge²)
+    unit_w: int                  # pixel cols per unit (rows layout: all columns)
+    grid_h: int
+    grid_w: int
+    counts: Optional[Tensor] = None        # rows layout: units per image (device, int64)
+    counts_host: Optional[list] = None

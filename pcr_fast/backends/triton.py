@@ -1,4 +1,5 @@
-"""Autograd Functions over the Triton kernels (the kernels themselves live in pcr_fast.kernels).
+"""The Triton backend: autograd Functions over the kernels of :mod:`pcr_fast.kernels`, and
+the launch of the patch gather.
 
 Two modes behind :func:`pcr_fast.two_view_stats`:
 
@@ -16,11 +17,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends.params import StatsParams
-from .stats import TwoViewStats
-from .kernels.two_view_bwd import two_view_backward
-from .kernels.two_view_chunked import chunk_grad_in_place, chunk_stats
-from .kernels.two_view_fwd import N_STATS, two_view_forward
+from ..kernels.patch_gather import patch_gather
+from ..kernels.two_view_bwd import two_view_backward
+from ..kernels.two_view_chunked import chunk_grad_in_place, chunk_stats
+from ..kernels.two_view_fwd import N_STATS, two_view_forward
+from .params import StatsParams, TwoViewStats, UnitGrid
 
 
 def _stack_grads(grads, n: int, device) -> Tensor:
@@ -195,3 +196,46 @@ class TritonChunkedObjective(torch.autograd.Function):
 
         return (scaled(d_ha, dts[0]), scaled(d_hb, dts[1]), scaled(d_w, dts[2]),
                 scaled(d_bias, dts[3]) if dts[3] is not None else None, None, None, None)
+
+
+def gather_units(x: Tensor, grid: UnitGrid, perm: Tensor, mask: Tensor, image: Tensor,
+                 table: Optional[Tensor], noise: Optional[Tensor], slot: Optional[Tensor]) -> Tensor:
+    """``out[u] = fill if mask[u] else x[perm[u]]`` over the units of ``grid``, in one launch.
+
+    The permutation reaches the kernel as an address delta per unit, so the input is read
+    through its own strides (no reshaped copy).
+    """
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    arange = torch.arange(grid.n_units, device=x.device)
+    if grid.layout == "rows":
+        delta = (perm - arange) * (grid.unit_h * x.stride(0))
+        lead, src_lead, dst_lead = (1, 1, 1), (0, 0, 0), (0, 0, 0)
+        src_chw = (0, x.stride(0), x.stride(1))
+        dst_chw = (0, out.stride(0), out.stride(1))
+        channels, fill_div = 1, grid.width // grid.channels
+    else:
+        per = grid.grid_h * grid.grid_w
+        su, u = perm % per, arange % per
+        dy = (su // grid.grid_w - u // grid.grid_w) * grid.unit_h
+        dx = (su % grid.grid_w - u % grid.grid_w) * grid.unit_w
+        delta = dy * x.stride(-2) + dx * x.stride(-1)
+        k = len(grid.lead_shape)
+        lead = (1,) * (3 - k) + grid.lead_shape
+        src_lead = (0,) * (3 - k) + tuple(x.stride()[:k])
+        dst_lead = (0,) * (3 - k) + tuple(out.stride()[:k])
+        src_chw, dst_chw = tuple(x.stride()[-3:]), tuple(out.stride()[-3:])
+        channels, fill_div = grid.channels, 0
+    if noise is not None:
+        code, fill = slot, noise
+    elif table is not None:
+        code, fill = torch.where(mask, image, -1), table
+    else:  # nothing masked: every code is -1 and the fill table is never read
+        code = torch.full((grid.n_units,), -1, dtype=torch.int32, device=x.device)
+        fill = torch.zeros(1, grid.channels, dtype=x.dtype, device=x.device)
+    patch_gather(
+        x, out, delta.to(torch.int64).contiguous(), code.to(torch.int32).contiguous(),
+        fill.contiguous(), lead_shape=lead, src_lead_strides=src_lead, dst_lead_strides=dst_lead,
+        channels=channels, height=grid.height, width=grid.width, src_chw_strides=src_chw,
+        dst_chw_strides=dst_chw, unit_h=grid.unit_h, unit_w=grid.unit_w, grid_h=grid.grid_h,
+        grid_w=grid.grid_w, noise=noise is not None, fill_channel_div=fill_div)
+    return out

@@ -1,8 +1,8 @@
-"""Chunked PyTorch implementation of the two-view statistics (any device).
+"""The torch backend: chunked two-view statistics (any device) and the patch gather.
 
 Rows are processed ``chunk_size`` at a time: the chunk's logits (chunk × V, float32) are
 the only large temporary, so memory is O(chunk·V) instead of O(N·V). The backward
-recomputes each chunk's logits and applies the closed-form gradients of DESIGN §2. The two
+recomputes each chunk's logits and applies the closed-form gradients (DESIGN §2). The two
 helpers :func:`rows_stats` and :func:`rows_grad_logits` are the same math the Triton
 kernels implement, written in plain torch; the Triton ``chunked`` mode falls back to them
 when Triton is unavailable.
@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .params import StatsParams
+from .params import StatsParams, UnitGrid
 
 
 def capped_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], params: StatsParams):
@@ -192,3 +192,33 @@ class TorchChunkedStats(torch.autograd.Function):
         cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
         return (cast(d_ha, h_a), cast(d_hb, h_b), cast(d_w, weight),
                 None if d_b is None else d_b.to(bias.dtype), None, None)
+
+
+def gather_units(x: Tensor, grid: UnitGrid, perm: Tensor, mask: Tensor, image: Tensor,
+                 table: Optional[Tensor], noise: Optional[Tensor], slot: Optional[Tensor]) -> Tensor:
+    """``out[u] = fill if mask[u] else x[perm[u]]`` by unfold, index, ``where``, fold back
+    (the CPU path and the Triton gather's oracle)."""
+    if grid.layout == "rows":
+        L, D = x.shape
+        units = x.reshape(grid.n_units, grid.unit_h, D)[perm]
+        if noise is not None:
+            fills = noise.reshape(-1, grid.unit_h, D)[slot.clamp(min=0)]
+        elif table is not None:
+            fills = table[image].repeat_interleave(D // grid.channels, dim=1)[:, None, :]
+        if noise is not None or table is not None:
+            units = torch.where(mask[:, None, None], fills, units)
+        return units.reshape(L, D)
+    C, H, W = grid.channels, grid.height, grid.width
+    uh, uw, gh, gw = grid.unit_h, grid.unit_w, grid.grid_h, grid.grid_w
+    out = x.reshape(grid.n_images, C, H, W).clone(memory_format=torch.contiguous_format)
+    core = out[:, :, :gh * uh, :gw * uw]
+    units = (core.reshape(grid.n_images, C, gh, uh, gw, uw).permute(0, 2, 4, 1, 3, 5)
+             .reshape(grid.n_units, C, uh, uw))
+    units = units[perm]
+    if noise is not None:
+        units = torch.where(mask[:, None, None, None], noise[slot.clamp(min=0)], units)
+    elif table is not None:
+        units = torch.where(mask[:, None, None, None], table[image][:, :, None, None], units)
+    core.copy_(units.reshape(grid.n_images, gh, gw, C, uh, uw).permute(0, 3, 1, 4, 2, 5)
+               .reshape(grid.n_images, C, gh * uh, gw * uw))
+    return out.reshape(x.shape)
