@@ -16,6 +16,7 @@ from .config import PCRConfig
 from .loss import TwoViewLoss, TwoViewLossOutput, two_view_loss
 from .scan import BackdoorMemory, UnlearningLossOutput, cross_view_flags, unlearning_loss
 from .stats import TwoViewStats, two_view_stats
+from .cross_entropy import fused_linear_cross_entropy  # noqa: F401  (drop-in fused linear cross-entropy)
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -238,6 +238,26 @@ def test_loss_benchmark_record_is_well_formed(loss_bench, harness, benchmark, tm
     assert "pcr_torch" in table and "skipped" in table
 
 
+def test_loss_benchmark_single_view_rows(loss_bench, harness, tmp_path):
+    """The fused CE rows next to the peers': checked against their own objective's reference
+    (the eager F.cross_entropy), with the single-view floor of 6·N·D·V FLOPs."""
+    case = loss_bench.LossCase(41, 16, 97, "float32")
+    record = loss_bench.run_benchmark([case], torch.device("cpu"), quick=True, progress=False,
+                                      method_names=("pcr_torch", "ce_eager", "ce_pcr_torch", "ce_pcr_triton",
+                                                    "ce_liger", "ce_cce"))
+    harness.validate_record(record)
+    rows = {r["method"]: r for r in record["results"]}
+    assert rows["ce_eager"]["check"] == "reference" and rows["ce_pcr_torch"]["check"] == "ok", rows["ce_pcr_torch"]
+    assert rows["pcr_torch"]["check"] == "reference"   # each objective has its own reference
+    rate = record["device_roofline"]["matmul"]["flops_per_s"]
+    assert rows["ce_pcr_torch"]["floor_ms"]["forward_backward"] == pytest.approx(6 * 41 * 16 * 97 / rate * 1e3)
+    assert rows["ce_pcr_torch"]["memory"]["resident_bytes"] == (41 * 16 + 97 * 16) * 4
+    for name in ("ce_pcr_triton", "ce_liger", "ce_cce"):
+        assert rows[name]["status"] == "skipped" and "CUDA" in rows[name]["reason"]
+    value = rows["ce_eager"]["loss_value"]
+    assert rows["ce_pcr_torch"]["loss_value"] == pytest.approx(value, rel=1e-5)
+
+
 def test_patch_augment_benchmark_record_is_well_formed(harness, benchmark, tmp_path):
     pytest.importorskip("pcr_fast.augment")
     aug_bench = _load("bench_patch_augment")
