@@ -8,9 +8,11 @@ from setuptools import setup
 
 PACKAGES = [
     "pcr_fast",
+    "pcr_fast.augment",
     "pcr_fast.backends",
     "pcr_fast.hf",
     "pcr_fast.eval",
+    "pcr_fast.testing",
     "pcr_fast.kernels",
 ]
 

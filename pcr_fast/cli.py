@@ -47,7 +47,7 @@ def _fill(text: str):
 def _add_demo_parser(sub) -> None:
     from .eval.defaults import DEMO_PCR_CONFIG as D
     from .eval.defaults import DEMO_PCR_WARMUP
-    from .eval.models import FAMILIES
+    from .eval.models import HARNESS_FAMILIES as FAMILIES
     from .eval.triggers import ATTACKS
 
     p = sub.add_parser(

@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 
 from pcr_fast import TwoViewLoss  # noqa: E402
 from pcr_fast.hf import PCRTrainer, compute_pcr_loss  # noqa: E402
-from pcr_fast.hf.tiny import build_tiny_model, collate, make_samples  # noqa: E402
+from pcr_fast.testing import build_tiny_model, collate, sample_batches  # noqa: E402
 
 FAMILY = os.environ.get("PCR_DDP_FAMILY", "qwen2_vl")
 LOSS = dict(backend="torch", entropy_weight=0.1, divergence_weight=0.5, gate_weight=0.0)
@@ -171,7 +171,7 @@ def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     _, make_batch = build_tiny_model(FAMILY)
-    samples = make_samples(make_batch, 2 * world, seed=7)
+    samples = sample_batches(make_batch, 2 * world, seed=7)
     for i, s in enumerate(samples):   # ragged answers: ranks hold different token counts
         s["labels"][0, -(2 + 2 * i):] = s["input_ids"][0, -(2 + 2 * i):]
     _, ref_loss, ref_grads = reference(samples)

@@ -11,7 +11,7 @@ import torch
 
 from pcr_fast import PCRConfig, TwoViewLoss
 from pcr_fast.hf import compute_pcr_loss
-from pcr_fast.hf.tiny import FAMILIES, build_tiny_model
+from pcr_fast.testing import TINY_FAMILIES as FAMILIES, build_tiny_model
 
 HAS_AUGMENT = importlib.util.find_spec("pcr_fast.augment") is not None
 LOSS_OPTIONS = dict(divergence="kl", divergence_weight=0.7, margin=3.0, entropy_weight=0.1,

@@ -8,7 +8,7 @@ from pcr_fast import PCRConfig, PatchAugment, TwoViewLoss
 from pcr_fast.augment import model_unit
 from pcr_fast.hf import PCRTrainer
 from pcr_fast.hf import trainer as trainer_mod
-from pcr_fast.hf.tiny import build_tiny_model, collate, make_samples
+from pcr_fast.testing import build_tiny_model, collate, sample_batches
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,7 +65,7 @@ def test_pcr_trainer_warmup_uses_the_plain_loss_first(tmp_path, monkeypatch):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=5, learning_rate=1e-3,
         remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
-    trainer = PCRTrainer(model=model, args=args, train_dataset=make_samples(make_batch, 8),
+    trainer = PCRTrainer(model=model, args=args, train_dataset=sample_batches(make_batch, 8),
                          data_collator=collate, pcr=PCRConfig(mode="online", backend="torch", warmup_steps=3, patch_size=4))
     trainer.train()
     assert len(calls) == 2  # steps 3 and 4 (0-based) use PCR, steps 0-2 the model's own loss

@@ -9,14 +9,15 @@ benchmarks/EVAL_NOTES.md).
 from .data import DigitImages, load_digits_images, make_samples, train_test_split
 from .defaults import DEMO_PCR_CONFIG, DEMO_PCR_WARMUP
 from .metrics import attack_success_rate, contains_target, corpus_bleu, exact_match, false_trigger_rate
-from .models import FAMILIES, ModelSpec, build_model
+from .models import HARNESS_FAMILIES, ModelSpec, build_model
 from .poison import DEFAULT_TARGET, choose_poisoned, poison_count
 from .runner import DEFENSES, RESULT_KEYS, evaluate, run_experiment
 from .tokenizer import build_tokenizer
 from .triggers import ATTACKS, SIG, BadNets, Blended, SampleNoise, WaNet, get_trigger
 
 __all__ = ["DEMO_PCR_CONFIG", "DEMO_PCR_WARMUP", "DigitImages", "load_digits_images", "make_samples",
-           "train_test_split", "attack_success_rate", "contains_target", "corpus_bleu", "exact_match", "false_trigger_rate", "FAMILIES", "ModelSpec",
+           "train_test_split", "attack_success_rate", "contains_target", "corpus_bleu", "exact_match", "false_trigger_rate",
+           "HARNESS_FAMILIES", "ModelSpec",
            "build_model", "DEFAULT_TARGET", "choose_poisoned", "poison_count", "DEFENSES", "RESULT_KEYS",
            "evaluate", "run_experiment", "build_tokenizer", "ATTACKS", "SIG", "BadNets", "Blended",
            "SampleNoise", "WaNet", "get_trigger"]
