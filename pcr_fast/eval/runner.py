@@ -6,11 +6,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Callable, Dict, Optional, Union
 
 import torch
 
+from ..config import PCRConfig
+from ..defense import BackdoorMemory, ScanSchedule
+from ..loss import TwoViewLoss
 from .data import CAPTION_PROMPT, QUESTION_PROMPT, load_digits_images, make_samples, task_words, train_test_split
 from .metrics import attack_success_rate, corpus_bleu, exact_match, false_trigger_rate
 from .models import BatchBuilder, ModelSpec, build_model
@@ -42,8 +45,7 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
                    pcr=None, *, batch_size: int = 32, lr: float = 1e-3, target: str = DEFAULT_TARGET,
                    test_size: int = 300, image_size: int = 32, patch_size: int = 8,
                    hidden_size: int = 64, num_layers: int = 2, device=None,
-                   progress: Union[bool, Callable[[int], None]] = True,
-                   pcr_warmup: Optional[float] = None) -> Dict:
+                   progress: Union[bool, Callable[[int], None]] = True) -> Dict:
     """Fine-tune a tiny VLM from scratch on poisoned digits data and evaluate it.
 
     Args:
@@ -55,12 +57,10 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
         seed: fixes the data split, the poisoned samples, the model init and the batches.
         model: model family (``"llava"``).
         pcr: a :class:`pcr_fast.PCRConfig` (``None``: :data:`pcr_fast.eval.defaults.DEMO_PCR_CONFIG`).
-        pcr_warmup: ``mode="online"`` only: fraction of ``steps`` trained with plain CE before
-            the per-batch loss switches on (``None``: :data:`pcr_fast.eval.defaults.DEMO_PCR_WARMUP`).
-            Why: the cross-view gate assumes the model already answers from the image content,
-            as a pretrained model does; trained from scratch it first has to learn that.
-            ``mode="scan"`` (the default) trains plain SFT until its first scan
-            (``pcr.scan_at``) and ignores it.
+            Its :class:`~pcr_fast.ScanSchedule` decides when the defense acts: mode "scan"
+            trains plain SFT until its first scan (``schedule.scan_at``); mode "online" after
+            ``schedule.warmup`` of the steps (from scratch the model must first answer from
+            the image content, as a pretrained model already does).
         progress: show a tqdm bar (True), nothing (False), or call ``progress(n)`` with the
             number of steps just done (e.g. to feed a bar in another process).
     Returns:
@@ -81,13 +81,8 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
                      num_layers=num_layers, vision_hidden_size=hidden_size, vision_layers=num_layers)
     if defense == "pcr" and pcr is None:
         pcr = default_pcr_config()
-    if pcr_warmup is None:
-        from .defaults import DEMO_PCR_WARMUP
-
-        pcr_warmup = DEMO_PCR_WARMUP if defense == "pcr" else 0.0
-    if not 0.0 <= float(pcr_warmup) < 1.0:
-        raise ValueError(f"pcr_warmup must be a fraction in [0, 1), got {pcr_warmup!r}")
-    warmup_steps = int(round(float(pcr_warmup) * steps))
+    if pcr is not None and not isinstance(pcr, PCRConfig):
+        raise ValueError(f"pcr must be a PCRConfig or None, got {type(pcr).__name__}")
 
     # ---- data -----------------------------------------------------------------------------
     images = load_digits_images(image_size, seed=0)
@@ -114,19 +109,20 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
 
-    augment = loss_fn = compute_loss = memory = None
-    scan_steps: frozenset = frozenset()
+    augment = loss_fn = compute_loss = memory = schedule = None
     if defense == "pcr":
-        from pcr_fast.hf import compute_pcr_loss as compute_loss  # the public hook (heavy import)
+        from ..augment import PatchAugment
+        from ..hf import compute_pcr_loss as compute_loss  # the public hook (heavy import)
+
         # seeded by the run's seed unless the config fixes one: runs are reproducible
         # (patch_size=None: the model's visual-token unit, read from the model)
-        augment = replace(pcr, seed=seed if pcr.seed is None else pcr.seed).make_augment(net)
+        augment = PatchAugment.from_config(pcr.augment, net, seed=seed if pcr.augment.augment_seed is None else None)
+        schedule = ScanSchedule.for_run(pcr, steps)
         if pcr.mode == "scan":
-            memory = pcr.make_memory(len(samples), net.get_output_embeddings().weight.shape[0], device=dev)
-            scan_steps = frozenset(pcr.scan_steps(steps))
-            warmup_steps = 0  # plain SFT until the first scan: the scan schedule is the warm-up
+            memory = BackdoorMemory.from_config(pcr.unlearn, len(samples), net.get_output_embeddings().weight.shape[0],
+                                                device=dev)
         else:
-            loss_fn = pcr.make_loss()
+            loss_fn = TwoViewLoss.from_config(pcr)
 
     def batch_of(idx):
         return builder.training_inputs(pix[idx], [prompts[i] for i in idx], [responses[i] for i in idx])
@@ -138,21 +134,20 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
     history, scans = [], []
     bar = _progress(steps, f"{attack_name(attack)}/{defense}", progress)
     for step in range(steps):
-        if step in scan_steps:
+        if schedule is not None and schedule.scans_before(step):
             scans.append(_scan(net, batch_of, len(samples), memory, pcr, augment, poisoned, step, tokenizer))
         if cursor + batch_size > len(order):
             order, cursor = torch.randperm(len(samples), generator=gen), 0
         idx = order[cursor:cursor + batch_size].tolist()
         cursor += batch_size
         inputs = {k: v.to(dev) for k, v in batch_of(idx).items()}
-        if defense == "none" or step < warmup_steps or (memory is not None and not memory.active):
+        if defense == "none" or schedule.trains_plain(step, memory is not None and memory.active):
             loss = net(**inputs).loss
         elif memory is not None:
             inputs["sample_ids"] = torch.tensor(idx, device=dev)
             loss = compute_loss(net, inputs, config=pcr, memory=memory).loss
         else:
-            loss = compute_loss(net, inputs, augment=augment, loss_fn=loss_fn,
-                                detach_augmented=pcr.detach_augmented, gate_views=pcr.gate_views).loss
+            loss = compute_loss(net, inputs, config=pcr, augment=augment, loss_fn=loss_fn).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -178,7 +173,6 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
     result.update(attack=attack_name(attack), defense=defense, seed=int(seed), poison_ratio=float(poison_ratio),
                   num_poisoned=len(poisoned), num_train_samples=len(samples), steps=steps,
                   batch_size=batch_size, lr=lr, model=model, target=target,
-                  pcr_warmup=float(pcr_warmup) if (defense == "pcr" and memory is None) else None,
                   train_seconds=round(train_seconds, 2), eval_seconds=round(time.perf_counter() - t1, 2),
                   loss_history=history, device=str(dev),
                   pcr=(pcr.to_dict() if (defense == "pcr" and hasattr(pcr, "to_dict")) else None),
