@@ -1,7 +1,6 @@
 """Fast tests of the evaluation harness (pcr_fast.eval) and the demo command."""
 import json
 import math
-import os
 
 import pytest
 import torch

@@ -91,9 +91,9 @@ def patch_augment(
     pixel_values: Tensor,
     *,
     patch_size: int,
-    shuffle: bool = True,
-    mask_ratio: float = 0.25,
-    fill: FillSpec = "mean",
+    shuffle: bool = AugmentConfig.shuffle,
+    mask_ratio: float = AugmentConfig.mask_ratio,
+    fill: FillSpec = AugmentConfig.fill,
     merge_size: int = 1,
     image_grid_thw: Optional[Tensor] = None,
     tile_mask: Optional[Tensor] = None,
@@ -184,13 +184,17 @@ def patch_augment(
 class PatchAugment:
     """Callable patch shuffle/mask for PCR's augmented view (see :func:`patch_augment`).
 
+    Defaults are the defense's measured view (:class:`~pcr_fast.config.AugmentConfig`): no
+    shuffle, half of the units masked with the image's mean.
+
     ``seed`` seeds a private generator (one per device) that advances with every call, so
     a training run is reproducible and successive batches still get fresh draws; a
     ``generator`` passed to a call takes precedence.
     """
 
-    def __init__(self, patch_size: int, shuffle: bool = True, mask_ratio: float = 0.25,
-                 fill: FillSpec = "mean", seed: Optional[int] = None, *, merge_size: int = 1,
+    def __init__(self, patch_size: int, shuffle: bool = AugmentConfig.shuffle,
+                 mask_ratio: float = AugmentConfig.mask_ratio, fill: FillSpec = AugmentConfig.fill,
+                 seed: Optional[int] = None, *, merge_size: int = 1,
                  channels: Optional[int] = None, allow_remainder: bool = False,
                  skip_zero_tiles: bool = True, backend: str = "auto"):
         self.patch_size = check_int("patch_size", patch_size)
