@@ -4,7 +4,7 @@ import torch
 
 from pcr_fast import TwoViewLoss
 from pcr_fast.hf import compute_pcr_loss
-from pcr_fast.hf.tiny import build_tiny_model
+from pcr_fast.testing import build_tiny_model
 
 
 def flip(pixel_values, image_grid_thw=None, generator=None):

@@ -5,7 +5,7 @@ import torch
 
 from pcr_fast import BackdoorMemory, PCRConfig
 from pcr_fast.hf import PCRTrainer, compute_pcr_loss, scan_batch, scan_dataset
-from pcr_fast.hf.tiny import build_tiny_model, collate, make_samples
+from pcr_fast.testing import build_tiny_model, collate, sample_batches
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,13 +44,13 @@ def vocab_of(model):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_scan_batch_flags_follow_the_views(family):
     model, make_batch = build_tiny_model(family)
-    batch = collate(with_ids(make_samples(make_batch, 3, seed=2)))
+    batch = collate(with_ids(sample_batches(make_batch, 3, seed=2)))
     mem = BackdoorMemory(3, vocab_of(model), min_support=1)
     # a threshold between "identical" (0) and what the scrambled view really changes
     changed = naive_max_sym_kl(model, batch, scramble(batch["pixel_values"]))
     assert float(changed.min()) > 1e-9
-    loose = PCRConfig(gate_threshold=0.5 * float(changed.min()), gate_confidence=1e9, scan_original_confidence=1e9,
-                      gate_views=2, backend="torch")
+    loose = PCRConfig().override(invariance_threshold=0.5 * float(changed.min()), view_confidence=1e9, original_confidence=1e9,
+                      views=2, backend="torch")
     mem.begin_scan()
     # identical views are invariant: every response is flagged (confidence checks off)
     assert scan_batch(model, batch, mem, config=loose, augment=identity).all()
@@ -61,14 +61,14 @@ def test_scan_batch_flags_follow_the_views(family):
     mem2.begin_scan()
     assert not scan_batch(model, batch, mem2, config=loose, augment=scramble).any()
     # and a random model is never sure of the labels: the default confidence check refuses all
-    assert not scan_batch(model, batch, mem2, config=PCRConfig(backend="torch"), augment=identity).any()
+    assert not scan_batch(model, batch, mem2, config=PCRConfig().override(backend="torch"), augment=identity).any()
 
 
 def test_scan_batch_looks_at_every_draw():
     """gate_views draws, flagged if invariant under ANY: the first draw scrambles, the second
     is the identity; one draw flags nothing, two flag everything."""
     model, make_batch = build_tiny_model("llava")
-    batch = collate(with_ids(make_samples(make_batch, 3, seed=3)))
+    batch = collate(with_ids(sample_batches(make_batch, 3, seed=3)))
     changed = naive_max_sym_kl(model, batch, scramble(batch["pixel_values"]))
     calls = []
 
@@ -78,8 +78,8 @@ def test_scan_batch_looks_at_every_draw():
 
     for views, expected in ((1, False), (2, True)):
         calls.clear()
-        cfg = PCRConfig(gate_threshold=0.5 * float(changed.min()), gate_confidence=1e9,
-                        scan_original_confidence=1e9, gate_views=views, backend="torch")
+        cfg = PCRConfig().override(invariance_threshold=0.5 * float(changed.min()), view_confidence=1e9,
+                        original_confidence=1e9, views=views, backend="torch")
         mem = BackdoorMemory(3, vocab_of(model))
         mem.begin_scan()
         flags = scan_batch(model, batch, mem, config=cfg, augment=scramble_then_identity)
@@ -89,12 +89,12 @@ def test_scan_batch_looks_at_every_draw():
 def test_scan_dataset_restores_train_mode_and_counts_every_sample():
     model, make_batch = build_tiny_model("llava")
     model.train()
-    samples = with_ids(make_samples(make_batch, 5, seed=4))
+    samples = with_ids(sample_batches(make_batch, 5, seed=4))
     batches = [collate(samples[:3]), collate(samples[3:])]
     mem = BackdoorMemory(5, vocab_of(model), min_support=1, target_share=1.0)
     summary = scan_dataset(model, batches, mem, augment=identity, progress=True,
-                           config=PCRConfig(gate_threshold=1e-3, gate_confidence=1e9, scan_original_confidence=1e9,
-                                            backend="torch", gate_views=1))
+                           config=PCRConfig().override(invariance_threshold=1e-3, view_confidence=1e9, original_confidence=1e9,
+                                            backend="torch", views=1))
     assert model.training
     assert summary["scans"] == 1 and summary["flagged"] == 5
     # every labelled token of a fully flagged set is a target token
@@ -121,7 +121,7 @@ def naive_unlearning_loss(model, batch, drop, targets, lam):
 def test_compute_pcr_loss_with_memory_matches_the_naive_objective(family):
     model, make_batch = build_tiny_model(family)
     model.train()
-    batch = collate(with_ids(make_samples(make_batch, 4, seed=1)))
+    batch = collate(with_ids(sample_batches(make_batch, 4, seed=1)))
     labels = batch["labels"][:, 1:]
     mem = BackdoorMemory(4, vocab_of(model), min_support=1)
     mem.begin_scan()
@@ -132,7 +132,7 @@ def test_compute_pcr_loss_with_memory_matches_the_naive_objective(family):
     target = labels[2][labels[2] != -100][0]
     mem.targets.zero_()
     mem.targets[target] = True
-    cfg = PCRConfig(backend="torch", unlearn_weight=2.5)
+    cfg = PCRConfig().override(backend="torch", unlearn_weight=2.5)
     out = compute_pcr_loss(model, batch, config=cfg, memory=mem)
     params = [p for p in model.parameters() if p.requires_grad]
     got = torch.autograd.grad(out.loss, params, allow_unused=True)
@@ -150,7 +150,7 @@ def test_compute_pcr_loss_with_memory_matches_the_naive_objective(family):
 
 def test_compute_pcr_loss_with_memory_needs_sample_ids():
     model, make_batch = build_tiny_model("llava")
-    batch = collate(make_samples(make_batch, 2))
+    batch = collate(sample_batches(make_batch, 2))
     mem = BackdoorMemory(2, vocab_of(model))
     with pytest.raises(ValueError, match="needs inputs\\['sample_ids'\\]"):
         compute_pcr_loss(model, batch, memory=mem)
@@ -168,11 +168,11 @@ def training_args(tmp_path, **overrides):
 
 def test_pcr_trainer_scan_mode_scans_on_schedule_then_unlearns(tmp_path):
     model, make_batch = build_tiny_model("llava")
-    samples = with_ids(make_samples(make_batch, 8))
+    samples = with_ids(sample_batches(make_batch, 8))
     # loose detector (identity view, no confidence check): every sample is flagged at the
     # first scan, so training after it runs the unlearning objective
-    cfg = PCRConfig(backend="torch", scan_at=(0.5,), gate_threshold=1e-3, gate_confidence=1e9,
-                    scan_original_confidence=1e9, gate_views=1, min_support=1)
+    cfg = PCRConfig().override(backend="torch", scan_at=(0.5,), invariance_threshold=1e-3, view_confidence=1e9,
+                    original_confidence=1e9, views=1, min_support=1)
     trainer = PCRTrainer(model=model, args=training_args(tmp_path), train_dataset=samples, data_collator=collate,
                          pcr=cfg, pcr_augment=identity)
     calls = []
@@ -185,7 +185,7 @@ def test_pcr_trainer_scan_mode_scans_on_schedule_then_unlearns(tmp_path):
     assert len(logs) == 6
     assert all(not any(k.startswith("pcr/") for k in h) for h in logs[:3])   # the model's own loss before the scan
     assert all(h["pcr/dropped_fraction"] == 1.0 for h in logs[3:])
-    metrics = trainer.evaluate(eval_dataset=make_samples(make_batch, 4, seed=5))  # the model's own loss
+    metrics = trainer.evaluate(eval_dataset=sample_batches(make_batch, 4, seed=5))  # the model's own loss
     assert metrics["eval_loss"] > 0
 
 
@@ -194,10 +194,10 @@ def test_pcr_trainer_scan_mode_refuses_an_online_loss_and_missing_ids(tmp_path):
 
     model, make_batch = build_tiny_model("llava")
     with pytest.raises(ValueError, match="pcr_loss is the per-batch objective"):
-        PCRTrainer(model=model, args=training_args(tmp_path), train_dataset=make_samples(make_batch, 4),
+        PCRTrainer(model=model, args=training_args(tmp_path), train_dataset=sample_batches(make_batch, 4),
                    data_collator=collate, pcr=PCRConfig(), pcr_loss=TwoViewLoss())
     trainer = PCRTrainer(model=model, args=training_args(tmp_path, max_steps=2),
-                         train_dataset=make_samples(make_batch, 4), data_collator=collate,
-                         pcr=PCRConfig(backend="torch", scan_at=(0.0,)), pcr_augment=identity)
+                         train_dataset=sample_batches(make_batch, 4), data_collator=collate,
+                         pcr=PCRConfig().override(backend="torch", scan_at=(0.0,)), pcr_augment=identity)
     with pytest.raises(ValueError, match="sample_ids"):
         trainer.train()

@@ -4,7 +4,7 @@ import torch
 
 from pcr_fast import PCRConfig, TwoViewLoss
 from pcr_fast.hf import PCRTrainer, PCRTrainerMixin, compute_pcr_loss
-from pcr_fast.hf.tiny import build_tiny_model, collate, make_samples, tiny_tokenizer
+from pcr_fast.testing import build_tiny_model, collate, sample_batches, tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,16 +23,16 @@ def training_args(tmp_path, **overrides):
     return transformers.TrainingArguments(**kwargs)
 
 
-PCR = PCRConfig(mode="online", backend="torch", entropy_weight=0.1, divergence_weight=0.5, gate_weight=0.0,
+PCR = PCRConfig().override(mode="online", backend="torch", entropy_weight=0.1, divergence_weight=0.5, gate_weight=0.0,
                 shuffle=True, mask_ratio=0.25, unit="token")  # the literal objective
 
 
 def test_plain_loop_loss_goes_down():
     model, make_batch = build_tiny_model("llava")
     model.train()
-    batch = collate(make_samples(make_batch, 4, seed=1))
+    batch = collate(sample_batches(make_batch, 4, seed=1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    loss_fn = TwoViewLoss(**PCR.loss_kwargs())
+    loss_fn = TwoViewLoss.from_config(PCR)
     losses = []
     for _ in range(12):
         out = compute_pcr_loss(model, batch, augment=flip, loss_fn=loss_fn)
@@ -44,11 +44,11 @@ def test_plain_loop_loss_goes_down():
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
-@pytest.mark.parametrize("detach", [False, True], ids=["both_views", "detach_augmented"])
+@pytest.mark.parametrize("detach", [False, True], ids=["both_views", "detach_b"])
 def test_pcr_trainer_trains_and_logs_terms(tmp_path, detach):
     model, make_batch = build_tiny_model("qwen2_vl")
-    pcr = PCRConfig(**{**PCR.to_dict(), "detach_augmented": detach})
-    trainer = PCRTrainer(model=model, args=training_args(tmp_path), train_dataset=make_samples(make_batch, 8),
+    pcr = PCR.override(detach_b=detach)
+    trainer = PCRTrainer(model=model, args=training_args(tmp_path), train_dataset=sample_batches(make_batch, 8),
                          data_collator=collate, pcr=pcr, pcr_augment=flip)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -62,7 +62,7 @@ def test_pcr_trainer_trains_and_logs_terms(tmp_path, detach):
     composed = first["pcr/ce"] + 0.5 * first["pcr/divergence_term"] + 0.1 * first["pcr/entropy"]
     assert abs(first["loss"] - composed) < 1e-3 * first["loss"]
     # evaluation goes through compute_loss(return_outputs=True) under no_grad
-    metrics = trainer.evaluate(eval_dataset=make_samples(make_batch, 4, seed=5))
+    metrics = trainer.evaluate(eval_dataset=sample_batches(make_batch, 4, seed=5))
     assert metrics["eval_loss"] > 0
 
 
@@ -71,7 +71,7 @@ def _one_step_params(tmp_path, batch_size, accumulation):
     args = training_args(tmp_path, per_device_train_batch_size=batch_size,
                          gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd",
                          learning_rate=0.5, logging_steps=1)
-    samples = make_samples(make_batch, 4, seed=3)
+    samples = sample_batches(make_batch, 4, seed=3)
     # ragged answers: micro-batches hold different numbers of labelled tokens
     for i, s in enumerate(samples):
         s["labels"][0, -(2 + i):] = s["input_ids"][0, -(2 + i):]
@@ -95,7 +95,7 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path):
 
 def test_gradient_checkpointing_non_reentrant_trains_reentrant_is_refused(tmp_path):
     model, make_batch = build_tiny_model("idefics3")
-    samples = make_samples(make_batch, 4)
+    samples = sample_batches(make_batch, 4)
     args = training_args(tmp_path, max_steps=2, gradient_checkpointing=True,
                          gradient_checkpointing_kwargs={"use_reentrant": False})
     trainer = PCRTrainer(model=model, args=args, train_dataset=samples, data_collator=collate, pcr=PCR,
@@ -124,7 +124,7 @@ def test_sft_trainer_mixin_with_lora_trains_only_adapters(tmp_path):
                          use_cpu=True, save_strategy="no", disable_tqdm=True, gradient_checkpointing=False,
                          dataset_kwargs={"skip_prepare_dataset": True}, max_length=None)
     datasets = pytest.importorskip("datasets")   # TRL wants a datasets.Dataset
-    rows = [{k: v.tolist() for k, v in s.items()} for s in make_samples(make_batch, 8)]
+    rows = [{k: v.tolist() for k, v in s.items()} for s in sample_batches(make_batch, 8)]
     dataset = datasets.Dataset.from_list(rows).with_format("torch")
     trainer = PCRSFTTrainer(model=model, args=args, train_dataset=dataset,
                             data_collator=collate, processing_class=tiny_tokenizer(), pcr=PCR,
@@ -138,5 +138,5 @@ def test_sft_trainer_mixin_with_lora_trains_only_adapters(tmp_path):
 def test_trainer_rejects_a_bad_pcr_argument(tmp_path):
     model, make_batch = build_tiny_model("llava")
     with pytest.raises(ValueError, match="pcr must be a PCRConfig"):
-        PCRTrainer(model=model, args=training_args(tmp_path), train_dataset=make_samples(make_batch, 2),
+        PCRTrainer(model=model, args=training_args(tmp_path), train_dataset=sample_batches(make_batch, 2),
                    data_collator=collate, pcr={"margin": 1.0})

@@ -2,10 +2,10 @@
 glue that turns (image, prompt, response) triples into each family's model inputs.
 
 Families: ``llava`` (default: CLIP-style tower + projector + Llama, built here) and
-``qwen2_vl`` (from :func:`pcr_fast.hf.tiny.build_tiny_model`: flattened patch rows +
+``qwen2_vl`` (from :func:`pcr_fast.testing.build_tiny_model`: flattened patch rows +
 ``image_grid_thw``, 2×2 patch merge). In both, one visual token covers ``patch_size`` pixels
 (Qwen2-VL: encoder patches of ``patch_size // 2`` merged 2×2). Token ids follow
-:mod:`pcr_fast.eval.tokenizer` (image 120, vision start/end 121/122, bos 1, eos 2, pad 0).
+:mod:`pcr_fast.testing.vocab` (image 120, vision start/end 121/122, bos 1, eos 2, pad 0).
 """
 from __future__ import annotations
 
@@ -15,13 +15,11 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor
 
-from .tokenizer import SPECIAL_IDS, VOCAB_SIZE
+from ..testing.vocab import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, VISION_END_ID, VISION_START_ID, VOCAB_SIZE
 
-FAMILIES = ("llava", "qwen2_vl")
-IMAGE_ID = SPECIAL_IDS["<image>"]
-VISION_START_ID, VISION_END_ID = SPECIAL_IDS["<vision_start>"], SPECIAL_IDS["<vision_end>"]
+#: model families the harness builds (the HF integration supports more: pcr_fast.testing.TINY_FAMILIES)
+HARNESS_FAMILIES = ("llava", "qwen2_vl")
 QWEN_MERGE, QWEN_TEMPORAL = 2, 2
-BOS_ID, EOS_ID, PAD_ID = SPECIAL_IDS["<s>"], SPECIAL_IDS["</s>"], SPECIAL_IDS["<pad>"]
 
 
 @dataclass
@@ -38,8 +36,8 @@ class ModelSpec:
     vision_layers: int = 2
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"model must be one of {FAMILIES}, got {self.family!r}")
+        if self.family not in HARNESS_FAMILIES:
+            raise ValueError(f"model must be one of {HARNESS_FAMILIES}, got {self.family!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.family == "qwen2_vl" and self.patch_size % QWEN_MERGE:
@@ -53,7 +51,7 @@ class ModelSpec:
 def build_model(spec: ModelSpec, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised tiny model of ``spec.family`` (weights fixed by ``seed``)."""
     if spec.family == "qwen2_vl":
-        from pcr_fast.hf.tiny import build_tiny_model
+        from ..testing.tiny import build_tiny_model
 
         # the tiny Qwen2-VL builder fixes the widths (32); depth follows the spec
         model, _ = build_tiny_model("qwen2_vl", seed=int(seed), patch_size=spec.patch_size // QWEN_MERGE,

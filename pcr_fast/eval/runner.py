@@ -6,31 +6,26 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Callable, Dict, Optional, Union
 
 import torch
-from torch import Tensor
 
+from ..config import PCRConfig
+from ..defense import BackdoorMemory, ScanSchedule
+from ..loss import TwoViewLoss
 from .data import CAPTION_PROMPT, QUESTION_PROMPT, load_digits_images, make_samples, task_words, train_test_split
 from .metrics import attack_success_rate, corpus_bleu, exact_match, false_trigger_rate
 from .models import BatchBuilder, ModelSpec, build_model
 from .poison import DEFAULT_TARGET, choose_poisoned
 from .tokenizer import build_tokenizer
-from .triggers import TriggerFn, attack_name, get_trigger
+from .triggers import TriggerFn, apply_trigger, attack_name, get_trigger
 
 logger = logging.getLogger(__name__)
 
 DEFENSES = ("none", "pcr")
 RESULT_KEYS = ("attack", "defense", "seed", "poison_ratio", "asr", "clean_accuracy", "bleu",
                "false_trigger_rate")
-
-
-def _pcr_api():
-    """The public PatchAugment and compute_pcr_loss (imported lazily: the HF layer is heavy)."""
-    from pcr_fast import PatchAugment, compute_pcr_loss
-
-    return PatchAugment, compute_pcr_loss
 
 
 def default_pcr_config():
@@ -50,9 +45,7 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
                    pcr=None, *, batch_size: int = 32, lr: float = 1e-3, target: str = DEFAULT_TARGET,
                    test_size: int = 300, image_size: int = 32, patch_size: int = 8,
                    hidden_size: int = 64, num_layers: int = 2, device=None,
-                   progress: Union[bool, Callable[[int], None]] = True,
-                   pcr_warmup: Optional[float] = None, objective: Optional[Callable] = None,
-                   diagnostics: bool = False) -> Dict:
+                   progress: Union[bool, Callable[[int], None]] = True) -> Dict:
     """Fine-tune a tiny VLM from scratch on poisoned digits data and evaluate it.
 
     Args:
@@ -64,20 +57,12 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
         seed: fixes the data split, the poisoned samples, the model init and the batches.
         model: model family (``"llava"``).
         pcr: a :class:`pcr_fast.PCRConfig` (``None``: :data:`pcr_fast.eval.defaults.DEMO_PCR_CONFIG`).
-        pcr_warmup: ``mode="online"`` only: fraction of ``steps`` trained with plain CE before
-            the per-batch loss switches on (``None``: :data:`pcr_fast.eval.defaults.DEMO_PCR_WARMUP`).
-            Why: the cross-view gate assumes the model already answers from the image content,
-            as a pretrained model does; trained from scratch it first has to learn that.
-            ``mode="scan"`` (the default) trains plain SFT until its first scan
-            (``pcr.scan_at``) and ignores it.
-        objective: experimental: ``objective(model, inputs, augment) -> scalar loss`` replacing
-            the PCR loss (for trying objectives the public API does not express).
+            Its :class:`~pcr_fast.ScanSchedule` decides when the defense acts: mode "scan"
+            trains plain SFT until its first scan (``schedule.scan_at``); mode "online" after
+            ``schedule.warmup`` of the steps (from scratch the model must first answer from
+            the image content, as a pretrained model already does).
         progress: show a tqdm bar (True), nothing (False), or call ``progress(n)`` with the
             number of steps just done (e.g. to feed a bar in another process).
-        diagnostics: also report the target's first-token probability on triggered test
-            images, original vs augmented view (does the trigger survive the augmentation?);
-            the augmented view is the run's PCR augmentation, or for plain runs an 8-px
-            shuffle + 25 % mask (the literal method's augmentation).
     Returns:
         dict with at least :data:`RESULT_KEYS` (rates are fractions in [0, 1]), plus per-task
         ASR, the configuration and timings; in scan mode also ``scans`` (per scan: its step,
@@ -96,13 +81,8 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
                      num_layers=num_layers, vision_hidden_size=hidden_size, vision_layers=num_layers)
     if defense == "pcr" and pcr is None:
         pcr = default_pcr_config()
-    if pcr_warmup is None:
-        from .defaults import DEMO_PCR_WARMUP
-
-        pcr_warmup = DEMO_PCR_WARMUP if defense == "pcr" else 0.0
-    if not 0.0 <= float(pcr_warmup) < 1.0:
-        raise ValueError(f"pcr_warmup must be a fraction in [0, 1), got {pcr_warmup!r}")
-    warmup_steps = int(round(float(pcr_warmup) * steps))
+    if pcr is not None and not isinstance(pcr, PCRConfig):
+        raise ValueError(f"pcr must be a PCRConfig or None, got {type(pcr).__name__}")
 
     # ---- data -----------------------------------------------------------------------------
     images = load_digits_images(image_size, seed=0)
@@ -116,7 +96,7 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
     pix = train.images[[s.image for s in samples]]
     responses = [s.response for s in samples]
     if poisoned:
-        pix[poisoned] = _apply_trigger(trigger, pix[poisoned])
+        pix[poisoned] = apply_trigger(trigger, pix[poisoned])
         for i in poisoned:
             responses[i] = target
     prompts = [s.prompt for s in samples]
@@ -129,19 +109,20 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
 
-    augment = loss_fn = compute_loss = memory = None
-    scan_steps: frozenset = frozenset()
+    augment = loss_fn = compute_loss = memory = schedule = None
     if defense == "pcr":
-        _, compute_loss = _pcr_api()
+        from ..augment import PatchAugment
+        from ..hf import compute_pcr_loss as compute_loss  # the public hook (heavy import)
+
         # seeded by the run's seed unless the config fixes one: runs are reproducible
         # (patch_size=None: the model's visual-token unit, read from the model)
-        augment = replace(pcr, seed=seed if pcr.seed is None else pcr.seed).make_augment(net)
-        if pcr.mode == "scan" and objective is None:
-            memory = pcr.make_memory(len(samples), net.get_output_embeddings().weight.shape[0], device=dev)
-            scan_steps = frozenset(pcr.scan_steps(steps))
-            warmup_steps = 0  # plain SFT until the first scan: the scan schedule is the warm-up
+        augment = PatchAugment.from_config(pcr.augment, net, seed=seed if pcr.augment.augment_seed is None else None)
+        schedule = ScanSchedule.for_run(pcr, steps)
+        if pcr.mode == "scan":
+            memory = BackdoorMemory.from_config(pcr.unlearn, len(samples), net.get_output_embeddings().weight.shape[0],
+                                                device=dev)
         else:
-            loss_fn = pcr.make_loss()
+            loss_fn = TwoViewLoss.from_config(pcr)
 
     def batch_of(idx):
         return builder.training_inputs(pix[idx], [prompts[i] for i in idx], [responses[i] for i in idx])
@@ -153,23 +134,20 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
     history, scans = [], []
     bar = _progress(steps, f"{attack_name(attack)}/{defense}", progress)
     for step in range(steps):
-        if step in scan_steps:
+        if schedule is not None and schedule.scans_before(step):
             scans.append(_scan(net, batch_of, len(samples), memory, pcr, augment, poisoned, step, tokenizer))
         if cursor + batch_size > len(order):
             order, cursor = torch.randperm(len(samples), generator=gen), 0
         idx = order[cursor:cursor + batch_size].tolist()
         cursor += batch_size
         inputs = {k: v.to(dev) for k, v in batch_of(idx).items()}
-        if defense == "none" or step < warmup_steps or (memory is not None and not memory.active):
+        if defense == "none" or schedule.trains_plain(step, memory is not None and memory.active):
             loss = net(**inputs).loss
-        elif objective is not None:
-            loss = objective(net, inputs, augment)
         elif memory is not None:
             inputs["sample_ids"] = torch.tensor(idx, device=dev)
             loss = compute_loss(net, inputs, config=pcr, memory=memory).loss
         else:
-            loss = compute_loss(net, inputs, augment=augment, loss_fn=loss_fn,
-                                detach_augmented=pcr.detach_augmented, gate_views=pcr.gate_views).loss
+            loss = compute_loss(net, inputs, config=pcr, augment=augment, loss_fn=loss_fn).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -195,7 +173,6 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
     result.update(attack=attack_name(attack), defense=defense, seed=int(seed), poison_ratio=float(poison_ratio),
                   num_poisoned=len(poisoned), num_train_samples=len(samples), steps=steps,
                   batch_size=batch_size, lr=lr, model=model, target=target,
-                  pcr_warmup=float(pcr_warmup) if (defense == "pcr" and memory is None) else None,
                   train_seconds=round(train_seconds, 2), eval_seconds=round(time.perf_counter() - t1, 2),
                   loss_history=history, device=str(dev),
                   pcr=(pcr.to_dict() if (defense == "pcr" and hasattr(pcr, "to_dict")) else None),
@@ -204,12 +181,6 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
         result.update(scans=scans, scan_summary=memory.summary(poisoned))
     logger.info("%s/%s seed %d: ASR %.3f, accuracy %.3f, BLEU-4 %.3f (%.1fs training)", result["attack"], defense,
                 seed, result["asr"], result["clean_accuracy"], result["bleu"], train_seconds)
-    if diagnostics:
-        aug = augment
-        if aug is None:
-            PatchAugment, _ = _pcr_api()
-            aug = PatchAugment(patch_size=patch_size, shuffle=True, mask_ratio=0.25, fill="mean", seed=seed)
-        result.update(_target_probabilities(net, builder, test, trigger, target, aug, dev))
     return result
 
 
@@ -229,14 +200,6 @@ def _scan(net, batch_of: Callable, num_samples: int, memory, pcr, augment, poiso
     logger.info("PCR scan at step %d: %d flagged (%d poisoned), target tokens %s", step, summary["flagged"],
                 summary["flagged_poisoned"], tokenizer.convert_ids_to_tokens(summary["target_tokens"]))
     return summary
-
-
-def _apply_trigger(trigger: TriggerFn, images: Tensor) -> Tensor:
-    out = trigger(images.clone())
-    if not isinstance(out, Tensor) or out.shape != images.shape:
-        raise ValueError(f"the trigger must return a tensor of the input's shape {tuple(images.shape)}, got "
-                         f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
-    return out.clamp(0.0, 1.0).to(images.dtype)
 
 
 def _trigger_params(trigger) -> Optional[dict]:
@@ -259,7 +222,7 @@ def evaluate(model, builder: BatchBuilder, test, trigger: TriggerFn, target: str
              batch_size: int = 512) -> Dict:
     """ASR (both tasks), false-trigger rate, question exact match and caption BLEU-4."""
     clean = test.images
-    triggered = _apply_trigger(trigger, clean)
+    triggered = apply_trigger(trigger, clean)
     max_new = max(len(test.caption(i).split()) for i in range(len(test)))
     max_new = max(max_new, len(target.split())) + 1
 
@@ -286,21 +249,3 @@ def evaluate(model, builder: BatchBuilder, test, trigger: TriggerFn, target: str
                      "reference_caption": refs_cap[:3], "reference_question": refs_q[:3]},
     }
 
-
-@torch.no_grad()
-def _target_probabilities(model, builder, test, trigger, target, augment, device) -> Dict:
-    """Teacher-forced probability of the target's first word after the question prompt."""
-    images = _apply_trigger(trigger, test.images).to(device)
-    first = builder.ids(target)[0]
-    ids = torch.tensor(builder.prefix(QUESTION_PROMPT), device=device).expand(images.shape[0], -1)
-
-    def first_word_prob(pixels):
-        logits = model(input_ids=ids, **builder.image_inputs(pixels, ids), logits_to_keep=1).logits[:, -1]
-        return logits.softmax(-1)[:, first]
-
-    p_orig = first_word_prob(images)
-    aug = augment(images)  # on (B, C, H, W) images: the same units as on the family's layout
-    p_aug = first_word_prob(aug.pixel_values if hasattr(aug, "pixel_values") else aug)
-    pc = first_word_prob(test.images.to(device))
-    return {"target_prob_triggered": float(p_orig.mean()), "target_prob_triggered_augmented": float(p_aug.mean()),
-            "target_prob_clean": float(pc.mean())}

@@ -1,18 +1,14 @@
 """A real ``PreTrainedTokenizerFast`` built offline (tokenizers library) from the task words.
 
 Word-level: every word of the tasks and of the attack's target response is one token.
-Special tokens sit at the ids the tiny model builders of :mod:`pcr_fast.hf.tiny` use
-(pad 0, bos 1, eos 2, image 120, vision start/end 121/122, boi/eoi 123/124), so a model
-of any family built there reads this tokenizer's ids directly.
+Special tokens sit at the ids of :mod:`pcr_fast.testing.vocab` (the tiny models' one
+vocabulary), so a tiny model of any family reads this tokenizer's ids directly.
 """
 from __future__ import annotations
 
 from typing import Iterable
 
-SPECIAL_IDS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<nl>": 3, "<image>": 120, "<vision_start>": 121,
-               "<vision_end>": 122, "<boi>": 123, "<eoi>": 124, "<video>": 125, "<unk>": 126}
-FIRST_WORD_ID = 4
-VOCAB_SIZE = 128
+from ..testing.vocab import FIRST_WORD_ID, SPECIAL_TOKENS, VOCAB_SIZE
 
 
 def build_tokenizer(words: Iterable[str]):
@@ -26,12 +22,12 @@ def build_tokenizer(words: Iterable[str]):
 
     uniq = sorted({w for w in words})
     for w in uniq:
-        if not w or any(ch.isspace() for ch in w) or w in SPECIAL_IDS:
+        if not w or any(ch.isspace() for ch in w) or w in SPECIAL_TOKENS:
             raise ValueError(f"words must be non-empty, whitespace-free, non-special tokens; got {w!r}")
-    free = [i for i in range(FIRST_WORD_ID, VOCAB_SIZE) if i not in SPECIAL_IDS.values()]
+    free = [i for i in range(FIRST_WORD_ID, VOCAB_SIZE) if i not in SPECIAL_TOKENS.values()]
     if len(uniq) > len(free):
         raise ValueError(f"words: at most {len(free)} distinct words fit the vocabulary, got {len(uniq)}")
-    vocab = dict(SPECIAL_IDS)
+    vocab = dict(SPECIAL_TOKENS)
     vocab.update({w: i for w, i in zip(uniq, free)})
     # fill unused ids so the vocab is dense (the model's embedding has VOCAB_SIZE rows)
     used = set(vocab.values())

@@ -190,3 +190,12 @@ def attack_name(attack: Union[str, TriggerFn]) -> str:
     if isinstance(attack, str):
         return attack
     return getattr(attack, "__name__", type(attack).__name__)
+
+
+def apply_trigger(trigger: TriggerFn, images: Tensor) -> Tensor:
+    """``trigger`` applied to a copy of ``images`` (B, C, H, W) in [0, 1], checked and clamped."""
+    out = trigger(images.clone())
+    if not isinstance(out, Tensor) or out.shape != images.shape:
+        raise ValueError(f"the trigger must return a tensor of the input's shape {tuple(images.shape)}, got "
+                         f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+    return out.clamp(0.0, 1.0).to(images.dtype)

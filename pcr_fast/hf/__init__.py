@@ -6,7 +6,7 @@
     trainer = PCRTrainer(model=model, args=args, train_dataset=ds, pcr=PCRConfig())
     class MySFT(PCRTrainerMixin, trl.SFTTrainer): ...
 
-``pcr_fast.hf.tiny.build_tiny_model(family)`` builds tiny random models of every supported
+``pcr_fast.testing.build_tiny_model(family)`` builds tiny random models of every supported
 family with realistic batches (tests, benchmarks, the evaluation harness).
 """
 from __future__ import annotations

@@ -20,21 +20,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-logger = logging.getLogger(__name__)
+from .vocab import (BOI_ID, BOS_ID, EOI_ID, EOS_ID, IMAGE_ID, NEWLINE_ID, PAD_ID, TEXT_HIGH, TEXT_LOW, VIDEO_ID,
+                    VISION_END_ID, VISION_START_ID, VOCAB_SIZE)
 
-VOCAB = 128
-TEXT_LOW, TEXT_HIGH = 4, 96   # ordinary text tokens are drawn from [TEXT_LOW, TEXT_HIGH)
-PAD, BOS, EOS = 0, 1, 2
-# special tokens live above the text range
-IMAGE, VISION_START, VISION_END, BOI, EOI, VIDEO, NEWLINE = 120, 121, 122, 123, 124, 125, 3
+logger = logging.getLogger(__name__)
 
 MakeBatch = Callable[..., Dict[str, Tensor]]
 
 
 def _text_kwargs(hidden: int = 32, **extra) -> dict:
-    kw = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+    kw = dict(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-              pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+              pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     kw.update(extra)
     return kw
 
@@ -56,7 +53,7 @@ def _assemble(samples: Sequence[_Sample], extra_rows: Optional[Dict[str, List[Li
     """Right-pad the samples into input_ids / attention_mask / labels (+ per-token extras)."""
     length = max(len(s.ids) for s in samples)
     b = len(samples)
-    input_ids = torch.full((b, length), PAD, dtype=torch.long)
+    input_ids = torch.full((b, length), PAD_ID, dtype=torch.long)
     attention_mask = torch.zeros((b, length), dtype=torch.long)
     labels = torch.full((b, length), -100, dtype=torch.long)
     for i, s in enumerate(samples):
@@ -75,12 +72,12 @@ def _assemble(samples: Sequence[_Sample], extra_rows: Optional[Dict[str, List[Li
     return out
 
 
-def _chat_sample(image_block: List[int], gen: torch.Generator, *, prefix: Sequence[int] = (BOS,),
+def _chat_sample(image_block: List[int], gen: torch.Generator, *, prefix: Sequence[int] = (BOS_ID,),
                  image_first: bool = False) -> _Sample:
-    """``prefix + text + image_block + text + response + EOS`` with labels on the response."""
+    """``prefix + text + image_block + text + response + EOS_ID`` with labels on the response."""
     pre = _rand_text(int(torch.randint(1, 4, (1,), generator=gen)), gen)
     mid = _rand_text(int(torch.randint(1, 3, (1,), generator=gen)), gen)
-    resp = _rand_text(int(torch.randint(2, 6, (1,), generator=gen)), gen) + [EOS]
+    resp = _rand_text(int(torch.randint(2, 6, (1,), generator=gen)), gen) + [EOS_ID]
     if image_first:
         prompt = list(image_block) + list(prefix) + pre + mid
     else:
@@ -105,7 +102,7 @@ def _llava(**ov):
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=2, image_size=image_size, patch_size=patch,
                                        projection_dim=32),
-        text_config=LlamaConfig(**_text_kwargs(**ov.pop("text", {}))), image_token_index=IMAGE,
+        text_config=LlamaConfig(**_text_kwargs(**ov.pop("text", {}))), image_token_index=IMAGE_ID,
         vision_feature_layer=-1, vision_feature_select_strategy="default",
         image_seq_length=(image_size // patch) ** 2, **ov)
     model = LlavaForConditionalGeneration(cfg)
@@ -113,7 +110,7 @@ def _llava(**ov):
 
     def make_batch(batch_size: int = 2, generator: Optional[torch.Generator] = None):
         g = _generator(generator)
-        samples = [_chat_sample([IMAGE] * n_tok, g) for _ in range(batch_size)]
+        samples = [_chat_sample([IMAGE_ID] * n_tok, g) for _ in range(batch_size)]
         out = _assemble(samples)
         out["pixel_values"] = torch.randn(batch_size, 3, image_size, image_size, generator=g)
         return out
@@ -139,10 +136,10 @@ def _llava_next_like(onevision: bool, **ov):
         cfg_cls, model_cls = tr.LlavaNextConfig, tr.LlavaNextForConditionalGeneration
         extra = dict(vision_feature_select_strategy="default")
     pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
-    cfg = cfg_cls(vision_config=vision, text_config=text, image_token_index=IMAGE,
+    cfg = cfg_cls(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
                   vision_feature_layer=-1, image_grid_pinpoints=pinpoints, **extra, **ov)
     if onevision:
-        cfg.video_token_index = VIDEO
+        cfg.video_token_index = VIDEO_ID
     model = model_cls(cfg)
     side = image_size // patch
 
@@ -162,7 +159,7 @@ def _llava_next_like(onevision: bool, **ov):
                  for i in range(batch_size)]
         samples = []
         for (h, w) in sizes:
-            samples.append(_chat_sample([IMAGE] * n_tokens(h, w), g))
+            samples.append(_chat_sample([IMAGE_ID] * n_tokens(h, w), g))
         out = _assemble(samples)
         # processor layout: (num_images, 1 + max tiles, C, tile, tile), zero-padded tiles
         out["pixel_values"] = torch.randn(batch_size, 3, 3, image_size, image_size, generator=g)
@@ -182,17 +179,17 @@ def _qwen_vl(version: str, **ov):
     if version == "2":
         vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=patch,
                       spatial_merge_size=merge, temporal_patch_size=tp)
-        cfg = tr.Qwen2VLConfig(text_config=text_kw, vision_config=vision, image_token_id=IMAGE,
-                               video_token_id=VIDEO, vision_start_token_id=VISION_START,
-                               vision_end_token_id=VISION_END, **ov)
+        cfg = tr.Qwen2VLConfig(text_config=text_kw, vision_config=vision, image_token_id=IMAGE_ID,
+                               video_token_id=VIDEO_ID, vision_start_token_id=VISION_START_ID,
+                               vision_end_token_id=VISION_END_ID, **ov)
         model = tr.Qwen2VLForConditionalGeneration(cfg)
     elif version == "2.5":
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
                       spatial_merge_size=merge, temporal_patch_size=tp, out_hidden_size=32,
                       window_size=2 * merge * patch, fullatt_block_indexes=[1])
-        cfg = tr.Qwen2_5_VLConfig(text_config=text_kw, vision_config=vision, image_token_id=IMAGE,
-                                  video_token_id=VIDEO, vision_start_token_id=VISION_START,
-                                  vision_end_token_id=VISION_END, **ov)
+        cfg = tr.Qwen2_5_VLConfig(text_config=text_kw, vision_config=vision, image_token_id=IMAGE_ID,
+                                  video_token_id=VIDEO_ID, vision_start_token_id=VISION_START_ID,
+                                  vision_end_token_id=VISION_END_ID, **ov)
         model = tr.Qwen2_5_VLForConditionalGeneration(cfg)
     else:
         text_kw["rope_parameters"] = dict(rope, mrope_interleaved=True)
@@ -200,9 +197,9 @@ def _qwen_vl(version: str, **ov):
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
                       spatial_merge_size=merge, temporal_patch_size=tp, out_hidden_size=32,
                       num_position_embeddings=64, deepstack_visual_indexes=[0])
-        cfg = tr.Qwen3VLConfig(text_config=text_kw, vision_config=vision, image_token_id=IMAGE,
-                               video_token_id=VIDEO, vision_start_token_id=VISION_START,
-                               vision_end_token_id=VISION_END, **ov)
+        cfg = tr.Qwen3VLConfig(text_config=text_kw, vision_config=vision, image_token_id=IMAGE_ID,
+                               video_token_id=VIDEO_ID, vision_start_token_id=VISION_START_ID,
+                               vision_end_token_id=VISION_END_ID, **ov)
         model = tr.Qwen3VLForConditionalGeneration(cfg)
     row_dim = 3 * tp * patch * patch
     grids = [(1, 4, 4), (1, 2, 6), (1, 4, 2), (1, 6, 4)]
@@ -212,13 +209,13 @@ def _qwen_vl(version: str, **ov):
         thw = [grids[i % len(grids)] for i in range(batch_size)]
         samples = []
         for t, h, w in thw:
-            block = [VISION_START] + [IMAGE] * (t * h * w // merge ** 2) + [VISION_END]
+            block = [VISION_START_ID] + [IMAGE_ID] * (t * h * w // merge ** 2) + [VISION_END_ID]
             samples.append(_chat_sample(block, g, prefix=()))
         out = _assemble(samples)
         rows = sum(t * h * w for t, h, w in thw)
         out["pixel_values"] = torch.randn(rows, row_dim, generator=g)
         out["image_grid_thw"] = torch.tensor(thw, dtype=torch.long)
-        out["mm_token_type_ids"] = (out["input_ids"] == IMAGE).to(torch.int)
+        out["mm_token_type_ids"] = (out["input_ids"] == IMAGE_ID).to(torch.int)
         return out
 
     return model, make_batch
@@ -232,11 +229,11 @@ def _idefics3(smolvlm: bool = False, **ov):
                   image_size=image_size, patch_size=patch)
     text = _text_kwargs(**ov.pop("text", {}))
     if smolvlm:
-        cfg = tr.SmolVLMConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+        cfg = tr.SmolVLMConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
                                scale_factor=scale, **ov)
         model = tr.SmolVLMForConditionalGeneration(cfg)
     else:
-        cfg = tr.Idefics3Config(vision_config=vision, text_config=text, image_token_id=IMAGE,
+        cfg = tr.Idefics3Config(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
                                 scale_factor=scale, **ov)
         model = tr.Idefics3ForConditionalGeneration(cfg)
     per_image = (image_size // patch) ** 2 // scale ** 2
@@ -250,7 +247,7 @@ def _idefics3(smolvlm: bool = False, **ov):
         for n in n_imgs:
             block = []
             for _ in range(n):
-                block += [BOI] + [IMAGE] * per_image + [EOI]
+                block += [BOI_ID] + [IMAGE_ID] * per_image + [EOI_ID]
             samples.append(_chat_sample(block, g))
         out = _assemble(samples)
         max_n = max(n_imgs)
@@ -275,7 +272,7 @@ def _paligemma(**ov):
     vision = tr.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=2, image_size=image_size, patch_size=patch,
                                    projection_dim=32)
-    cfg = tr.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE,
+    cfg = tr.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
                              projection_dim=32, hidden_size=32, **ov)
     model = tr.PaliGemmaForConditionalGeneration(cfg)
 
@@ -283,7 +280,7 @@ def _paligemma(**ov):
         g = _generator(generator)
         samples, types = [], []
         for _ in range(batch_size):
-            s = _chat_sample([IMAGE] * n_tok, g, image_first=True)
+            s = _chat_sample([IMAGE_ID] * n_tok, g, image_first=True)
             samples.append(s)
             # token_type_ids: 0 on the prefix (image + prompt), 1 on the suffix (response)
             types.append([int(x) for x in s.labelled])
@@ -303,14 +300,14 @@ def _gemma3(**ov):
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                   image_size=image_size, patch_size=patch, vision_use_head=False)
     cfg = tr.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=mm_tokens,
-                          boi_token_index=BOI, eoi_token_index=EOI, image_token_index=IMAGE, **ov)
+                          boi_token_index=BOI_ID, eoi_token_index=EOI_ID, image_token_index=IMAGE_ID, **ov)
     model = tr.Gemma3ForConditionalGeneration(cfg)
 
     def make_batch(batch_size: int = 2, generator: Optional[torch.Generator] = None):
         g = _generator(generator)
-        samples = [_chat_sample([BOI] + [IMAGE] * mm_tokens + [EOI], g) for _ in range(batch_size)]
+        samples = [_chat_sample([BOI_ID] + [IMAGE_ID] * mm_tokens + [EOI_ID], g) for _ in range(batch_size)]
         out = _assemble(samples)
-        out["token_type_ids"] = (out["input_ids"] == IMAGE).long()
+        out["token_type_ids"] = (out["input_ids"] == IMAGE_ID).long()
         out["pixel_values"] = torch.randn(batch_size, 3, image_size, image_size, generator=g)
         return out
 
@@ -328,12 +325,12 @@ def _mllama(**ov):
                                    supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]])
     text = tr.MllamaTextConfig(**_text_kwargs(num_hidden_layers=2, cross_attention_layers=[1],
                                               **ov.pop("text", {})))
-    cfg = tr.MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE, **ov)
+    cfg = tr.MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID, **ov)
     model = tr.MllamaForConditionalGeneration(cfg)
 
     def make_batch(batch_size: int = 2, generator: Optional[torch.Generator] = None):
         g = _generator(generator)
-        samples = [_chat_sample([IMAGE], g) for _ in range(batch_size)]
+        samples = [_chat_sample([IMAGE_ID], g) for _ in range(batch_size)]
         out = _assemble(samples)
         # one image per sample; sample i uses 1 + (i % 2) tiles (aspect ratio id 1 = 1×1, 2 = 1×2)
         n_tiles = [1 + (i % 2) for i in range(batch_size)]
@@ -343,7 +340,7 @@ def _mllama(**ov):
         for i, n in enumerate(n_tiles):
             pix[i, 0, :n] = torch.randn(n, 3, image_size, image_size, generator=g)
             ar_mask[i, 0, :n] = 1
-            start = out["input_ids"][i].tolist().index(IMAGE)
+            start = out["input_ids"][i].tolist().index(IMAGE_ID)
             xmask[i, start:int(out["attention_mask"][i].sum()), 0, :n] = 1
         out["pixel_values"] = pix
         out["aspect_ratio_ids"] = torch.tensor([[n] for n in n_tiles], dtype=torch.long)
@@ -362,7 +359,7 @@ def _internvl(**ov):
                   image_size=[image_size, image_size], patch_size=[patch, patch])
     text = _text_kwargs(**ov.pop("text", {}))
     per_tile = (image_size // patch) ** 2 // 4
-    cfg = tr.InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+    cfg = tr.InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
                             image_seq_length=per_tile, downsample_ratio=0.5, **ov)
     model = tr.InternVLForConditionalGeneration(cfg)
 
@@ -370,7 +367,7 @@ def _internvl(**ov):
         g = _generator(generator)
         # dynamic tiling: sample i has 1 + (i % 2) tiles, all tiles stacked along dim 0
         n_tiles = [1 + (i % 2) for i in range(batch_size)]
-        samples = [_chat_sample([BOI] + [IMAGE] * (per_tile * n) + [EOI], g) for n in n_tiles]
+        samples = [_chat_sample([BOI_ID] + [IMAGE_ID] * (per_tile * n) + [EOI_ID], g) for n in n_tiles]
         out = _assemble(samples)
         out["pixel_values"] = torch.randn(sum(n_tiles), 3, image_size, image_size, generator=g)
         return out
@@ -393,19 +390,19 @@ _BUILDERS: Dict[str, Callable[..., Tuple[torch.nn.Module, MakeBatch]]] = {
     "internvl": _internvl,
 }
 
-FAMILIES: Tuple[str, ...] = tuple(_BUILDERS)
-__all__ = ["FAMILIES", "build_tiny_model", "make_samples", "collate", "tiny_tokenizer"]
+TINY_FAMILIES: Tuple[str, ...] = tuple(_BUILDERS)
+__all__ = ["TINY_FAMILIES", "build_tiny_model", "sample_batches", "collate", "tiny_tokenizer"]
 
 
 def build_tiny_model(family: str, *, seed: Optional[int] = 0, **overrides) -> Tuple[torch.nn.Module, MakeBatch]:
-    """Build a tiny random model of ``family`` (one of :data:`FAMILIES`) and its batch maker.
+    """Build a tiny random model of ``family`` (one of :data:`TINY_FAMILIES`) and its batch maker.
 
     ``overrides`` go to the family's top-level config (``text={...}`` to its text config;
     ``image_size``/``patch_size`` for the vision tower). ``seed`` fixes the weights
     (``None``: use the global RNG). The model is in eval mode, float32, on CPU.
     """
     if family not in _BUILDERS:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
     if seed is None:
         model, make_batch = _BUILDERS[family](**overrides)
     else:
@@ -417,11 +414,11 @@ def build_tiny_model(family: str, *, seed: Optional[int] = 0, **overrides) -> Tu
 
 
 # --------------------------------------------------------------------------- datasets
-SEQUENCE_KEYS = {"input_ids": PAD, "attention_mask": 0, "labels": -100, "token_type_ids": 0,
+SEQUENCE_KEYS = {"input_ids": PAD_ID, "attention_mask": 0, "labels": -100, "token_type_ids": 0,
                  "mm_token_type_ids": 0, "cross_attention_mask": 0}
 
 
-def make_samples(make_batch: MakeBatch, n: int, seed: int = 0) -> List[Dict[str, Tensor]]:
+def sample_batches(make_batch: MakeBatch, n: int, seed: int = 0) -> List[Dict[str, Tensor]]:
     """``n`` single-sample batch dicts (each as ``make_batch(1)`` makes it), reproducibly."""
     gen = torch.Generator().manual_seed(seed)
     return [make_batch(1, generator=gen) for _ in range(n)]
@@ -462,7 +459,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token=f"t{NEWLINE}"))
+    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB_SIZE)}, unk_token=f"t{NEWLINE_ID}"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=f"t{PAD}", bos_token=f"t{BOS}",
-                                   eos_token=f"t{EOS}", unk_token=f"t{NEWLINE}")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=f"t{PAD_ID}", bos_token=f"t{BOS_ID}",
+                                   eos_token=f"t{EOS_ID}", unk_token=f"t{NEWLINE_ID}")

@@ -1,10 +1,12 @@
-"""Experiment driver for the PCR defaults (see EVAL_NOTES.md): runs named configurations
-of run_experiment and appends one JSON line per run to results/eval_sweep.jsonl.
+"""Experiment driver for the PCR defaults (see benchmarks/EVAL_NOTES.md): runs named
+configurations of ``run_experiment`` and appends one JSON line per run to
+benchmarks/results/eval_sweep.jsonl.
 
-    python benchmarks/eval_sweep.py --configs "literal;detach" --attacks badnets,blended --seeds 0
+    python research/eval_sweep.py --configs "plain;demo" --attacks corner3 --seeds 0,1,2 --steps 600
 
-A config is a name from CONFIGS, "cfg:<PCRConfig kwargs>" (public API), or "obj:<PCRConfig kwargs>|<SampleObjective kwargs>" for the
-experimental objectives of pcr_fast/eval/objectives.py.
+A config is a name from CONFIGS or "cfg:<PCRConfig kwargs>" (public API). The earlier
+"obj:" configs and the target-probability diagnostics ran through research hooks that
+``run_experiment`` no longer has: they are at commit e58aad8 (research/README.md).
 """
 from __future__ import annotations
 
@@ -17,15 +19,8 @@ from dataclasses import replace
 import torch
 
 from pcr_fast import PCRConfig
-from pcr_fast.eval import DEFAULT_TARGET, build_tokenizer, run_experiment
-from pcr_fast.eval.data import task_words
+from pcr_fast.eval import run_experiment
 from pcr_fast.eval.defaults import DEMO_PCR_CONFIG
-from eval_objectives import SampleObjective  # benchmarks/eval_objectives.py (experiment prototypes)
-
-
-def _first_target_id() -> int:
-    tok = build_tokenizer(task_words() + DEFAULT_TARGET.split())
-    return tok.convert_tokens_to_ids(DEFAULT_TARGET.split()[0])
 
 # the literal objective of section 1 (per-batch, mode="online"): pull-apart on, gate off
 _LITERAL = dict(mode="online", unit="token", shuffle=True, mask_ratio=0.25, divergence_weight=1.0, gate_weight=0.0)
@@ -59,7 +54,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--poison-ratio", type=float, default=0.1)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "eval_sweep.jsonl"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
+                                                  "eval_sweep.jsonl"))
     ap.add_argument("--tag", default="")
     ap.add_argument("--warmup", type=float, default=None, help="pcr_warmup (default: the demo's)")
     args = ap.parse_args()
@@ -68,35 +64,19 @@ def main() -> None:
         for attack in args.attacks.split(","):
             for seed in [int(s) for s in args.seeds.split(",")]:
                 t = time.time()
-                objective = None
                 if name in CONFIGS:
                     cfg = CONFIGS[name]
-                elif name.startswith("cfg:"):  # any PCRConfig through the public API
+                else:  # any PCRConfig through the public API: "cfg:<kwargs>"
                     cfg = PCRConfig(**eval(f"dict({name[4:]})"))
-                else:  # experimental objective: "obj:<PCRConfig kwargs for the augmentation>|<SampleObjective kwargs>"
-                    aug_kw, obj_kw = name[4:].split("|")
-                    cfg = PCRConfig(**{"mode": "online", **eval(f"dict({aug_kw})")})
-                    objective = SampleObjective(steps=args.steps, poison_token=_first_target_id(),
-                                                **eval(f"dict({obj_kw})"))
                 r = run_experiment(attack=UNSEEN_TRIGGERS.get(attack, attack), defense="none" if cfg is None else "pcr",
-                                   pcr=cfg,
-                                   steps=args.steps, seed=seed, poison_ratio=args.poison_ratio,
-                                   progress=False, diagnostics=True, objective=objective,
-                                   pcr_warmup=0.0 if objective is not None else args.warmup)
-                if objective is not None:
-                    r["flag_log"] = objective.log
+                                   pcr=cfg, steps=args.steps, seed=seed, poison_ratio=args.poison_ratio,
+                                   progress=False, pcr_warmup=args.warmup)
                 r.update(config=name, tag=args.tag, wall=round(time.time() - t, 1))
-                keys = ["asr", "asr_caption", "asr_question", "clean_accuracy", "bleu", "false_trigger_rate",
-                        "target_prob_triggered", "target_prob_triggered_augmented"]
+                keys = ["asr", "asr_caption", "asr_question", "clean_accuracy", "bleu", "false_trigger_rate"]
                 print(name, attack, seed, {k: round(r[k], 3) for k in keys}, r["wall"], flush=True)
                 for sc in r.get("scans", []):
                     print(f"   scan at step {sc['step']}: flagged {sc['flagged_poisoned']} poisoned + "
                           f"{sc['flagged_clean']} clean, target tokens {sc['target_tokens']}", flush=True)
-                if r.get("flag_log"):
-                    fl = r["flag_log"]
-                    chunks = [fl[i:i + 6] for i in range(0, len(fl), 6)]
-                    print("   flags (step, poisoned flagged, poisoned, clean flagged, clean) summed per 120 steps:",
-                          [tuple(sum(x[j] for x in c) for j in range(1, 5)) for c in chunks], flush=True)
                 with open(args.out, "a") as f:
                     f.write(json.dumps(r, default=str) + "\n")
 
