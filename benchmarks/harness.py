@@ -722,3 +722,31 @@ def plot_bars(path: Path, groups: Sequence[str], series: Mapping[str, Sequence[O
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     return _save_figure(fig, path)
+
+
+def plot_bar_panels(path: Path, panels: Sequence[Mapping[str, Any]], *, suptitle: str = "") -> Path:
+    """Side-by-side bar charts, one per panel: ``{"title", "ylabel", "groups": [...],
+    "values": [...], "errors": [(lo, hi) or None, ...] (optional)}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(panels))
+    width = max(4.5, 1.2 * max((len(p.get("groups", ())) for p in panels), default=1) + 1.5)
+    fig, axes = plt.subplots(1, n, figsize=(width * n, 4.0), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        groups, values = list(panel.get("groups", ())), list(panel.get("values", ()))
+        errors = panel.get("errors")
+        yerr = None
+        if errors and all(e is not None for e in errors):
+            yerr = [[v - e[0] for v, e in zip(values, errors)], [e[1] - v for v, e in zip(values, errors)]]
+        ax.bar(range(len(values)), values, yerr=yerr, capsize=3)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, fontsize=8, rotation=15)
+        ax.set_title(panel.get("title", ""), fontsize=9)
+        ax.set_ylabel(panel.get("ylabel", ""))
+        ax.grid(True, axis="y", alpha=0.3)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    return _save_figure(fig, path)

@@ -32,7 +32,7 @@ BACKENDS = OPS["stats"][0]
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 __all__ = ["BACKENDS", "TwoViewStats", "ViewExtras", "SingleViewStats", "two_view_stats", "single_view_stats",
-           "fused_chunked_objective", "resolve_backend"]
+           "two_view_jsd", "fused_chunked_objective", "resolve_backend"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -223,6 +223,30 @@ def single_view_stats(h: Tensor, weight: Tensor, labels: Tensor, *, bias: Option
     return SingleViewStats(ce=out[0], lse=out[6], entropy=out[4], logit_mean=out[8], argmax=out[10])
 
 
+def two_view_jsd(h_a: Tensor, h_b: Tensor, weight: Tensor, *, beta: float = 0.5, bias: Optional[Tensor] = None,
+                 temperature: float = 1.0, softcap: Optional[float] = None, detach_b: bool = False,
+                 chunk_size: Optional[int] = None) -> Tensor:
+    """Per-row generalised Jensen–Shannon divergence ``β·KL(p_a‖m) + (1−β)·KL(p_b‖m)``,
+    ``m = β·p_a + (1−β)·p_b``, 0 < β < 1 (β = 0.5: the symmetric JSD), without N×V logits.
+
+    Not composable from the six statistics (it needs Σ p log m), so it takes its own
+    chunked pass in plain PyTorch on any device (:class:`pcr_fast.backends.pytorch.TorchJSD`):
+    about as many FLOPs again as :func:`two_view_stats`. Arguments as there; differentiable
+    w.r.t. h_a, h_b (unless ``detach_b``), weight and bias. Returns (N,).
+    """
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be a float in (0, 1) (0 and 1 are the two KLs), got {beta!r}")
+    labels = torch.zeros(h_a.shape[:-1], dtype=torch.long, device=h_a.device) if isinstance(h_a, Tensor) else None
+    h_a2, h_b2, _, softcap = validate_inputs(h_a, h_b, weight, labels, bias, temperature, softcap, -100)
+    if h_b2 is None:
+        raise ValueError("h_b must be a tensor")
+    params = _params(temperature, softcap, -100, detach_b, chunk_size)
+    from .backends.pytorch import TorchJSD
+
+    h_b_in = h_b2.detach() if detach_b else h_b2
+    return _opaque_apply(TorchJSD, h_a2, h_b_in, weight, bias, params, float(beta))
+
+
 @torch.compiler.disable
 def _opaque_apply(fn, *args):
     """Run an autograd Function outside torch.compile's tracing (one clean graph break:
@@ -234,11 +258,13 @@ def fused_chunked_objective(h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Te
                             *, bias: Optional[Tensor] = None, temperature: float = 1.0,
                             softcap: Optional[float] = None, ignore_index: int = -100,
                             backend: str = "triton_chunked", detach_b: bool = False,
-                            chunk_size: Optional[int] = None):
+                            chunk_size: Optional[int] = None, with_extras: bool = False):
     """Compute-minimal ``triton_chunked`` path for a scalar, row-separable objective.
 
     ``row_losses(stats, rows)`` maps the statistics of a block of rows to their loss
-    contributions (whose sum over all rows is the loss). Because the objective is known in
+    contributions (whose sum over all rows is the loss); with ``with_extras`` it is called
+    as ``row_losses(stats, rows, extras=view_a_extras)`` (the lse and mean logit of view a,
+    differentiable) and the view-a :class:`ViewExtras` (detached) is returned third. Because the objective is known in
     the forward, each chunk's logits are computed once: statistics, then d(loss)/d(stats)
     by autograd on the (chunk,)-sized objective, then the logit gradient in place and the
     two gradient matmuls; the backward only scales the stored gradients (once). dW
@@ -254,5 +280,11 @@ def fused_chunked_objective(h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Te
     params = _params(temperature, softcap, ignore_index, detach_b, chunk_size)
     from .backends.triton import TritonChunkedObjective
 
-    loss, table = _opaque_apply(TritonChunkedObjective, h_a2, h_b2, weight, bias, labels1, params, row_losses)
-    return loss, TwoViewStats(*table.unbind(0))
+    loss, table = _opaque_apply(TritonChunkedObjective, h_a2, h_b2, weight, bias, labels1, params, row_losses,
+                                with_extras)
+    stats = TwoViewStats(*table[:6].unbind(0))
+    if not with_extras:
+        return loss, stats
+    from .kernels.stats_table import R
+
+    return loss, stats, ViewExtras(table[R["lse_a"]], table[R["zmean_a"]], table[R["amax_a"]].long())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pcr_fast.hf.fused_ce import remove_fused_cross_entropy, use_fused_cross_entropy
-from pcr_fast.hf.tiny import build_tiny_model
+from pcr_fast.hf import remove_fused_cross_entropy, use_fused_cross_entropy
+from pcr_fast.testing.tiny import build_tiny_model
 
 FAMILIES = ["llava", "qwen2_vl"]
 

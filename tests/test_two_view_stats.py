@@ -422,3 +422,28 @@ def test_extras_match_the_float64_reference_and_are_differentiable(backend):
     gt = torch.autograd.grad((torch.logsumexp(z_a, -1) * up.double()).sum() + z_b.mean(-1).sum(), p64.leaves())
     for o, t in zip(g, gt):
         torch.testing.assert_close(o.double(), t, atol=2e-5 * float(t.abs().max()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["stats", "augment"])
+def test_auto_picks_triton_on_cuda_only_where_validated(op, monkeypatch, caplog):
+    """Honest default: until a GPU run validates the kernels on an architecture, 'auto' on
+    CUDA picks the torch backend (explicit 'triton' still works); a validated capability
+    switches 'auto' to Triton."""
+    import logging
+
+    import pcr_fast.backends as backends
+    from pcr_fast.kernels.launch import assume_capability
+
+    monkeypatch.setattr(backends, "triton_available", lambda device: True)
+    monkeypatch.delenv("PCR_FAST_BACKEND", raising=False)
+    monkeypatch.delenv("PCR_FAST_AUGMENT_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    assert backends.VALIDATED_CAPABILITIES[op] == frozenset()   # no GPU run yet
+    with assume_capability((9, 0)), caplog.at_level(logging.INFO, logger="pcr_fast.backends"):
+        assert backends.select_backend(op, "auto", cuda) == "torch"
+        assert backends.select_backend(op, "triton", cuda) == "triton"
+        monkeypatch.setitem(backends.VALIDATED_CAPABILITIES, op, frozenset({(9, 0)}))
+        assert backends.select_backend(op, "auto", cuda) == "triton"
+    with assume_capability((8, 0)):
+        assert backends.select_backend(op, "auto", cuda) == "torch"
+    assert backends.select_backend(op, "auto", torch.device("cpu")) == "torch"

@@ -30,7 +30,7 @@ from ..kernels.two_view_chunked import chunk_grad_in_place, chunk_states
 from ..kernels.two_view_fwd import two_view_forward
 from ..kernels.two_view_grad import two_view_grad_tiles
 from .common import Needs, coefficients, function_outputs, library_logits, no_grads, weight_matmul
-from .params import StatsParams, TwoViewStats, UnitGrid
+from .params import StatsParams, TwoViewStats, UnitGrid, ViewExtras
 
 
 def _fused_backward(h_a, h_b, weight, bias, labels, coef, p: StatsParams, needs: Needs):
@@ -240,8 +240,8 @@ class TritonChunkedObjective(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_a, h_b, weight, bias, labels, params: StatsParams, row_losses):
-        from ..kernels.stats_table import grad_coefficients, grad_table
+    def forward(ctx, h_a, h_b, weight, bias, labels, params: StatsParams, row_losses, with_extras=False):
+        from ..kernels.stats_table import N_DIFF, R, grad_coefficients
 
         need_ha, need_hb, need_w, need_bias = ctx.needs_input_grad[:4]
         need_b = not params.detach_b
@@ -263,12 +263,16 @@ class TritonChunkedObjective(torch.autograd.Function):
                          softcap=params.softcap, ignore_index=params.ignore_index)
             table[:, rows] = finalize(states, labels[rows], v, params.ignore_index)
             with torch.enable_grad():
-                leaves = table[:6, rows].detach().clone().requires_grad_()
-                part = row_losses(TwoViewStats(*leaves.unbind(0)), rows).sum()
-                (g6,) = torch.autograd.grad(part, [leaves])
+                leaves = table[:N_DIFF, rows].detach().clone().requires_grad_()
+                stats6 = TwoViewStats(*leaves[:6].unbind(0))
+                if with_extras:
+                    extras = ViewExtras(leaves[R["lse_a"]], leaves[R["zmean_a"]], table[R["amax_a"], rows].long())
+                    part = row_losses(stats6, rows, extras=extras).sum()
+                else:
+                    part = row_losses(stats6, rows).sum()
+                (g_rows,) = torch.autograd.grad(part, [leaves])
             total = total + part.detach()
-            coef = grad_coefficients(table[:, rows], grad_table(list(g6.unbind(0)), g6.shape[1], g6.device),
-                                     labels[rows], v, params.ignore_index)
+            coef = grad_coefficients(table[:, rows], g_rows, labels[rows], v, params.ignore_index)
             chunk_grad_in_place(s_a, s_b, labels[rows], coef, v0=0, inv_temp=1.0 / params.temperature,
                                 softcap=params.softcap, need_b=need_b)
             g_b = s_b if need_b else None
@@ -286,9 +290,8 @@ class TritonChunkedObjective(torch.autograd.Function):
                     d_bias += g_b.sum(0, dtype=torch.float32)
             del s_a, s_b, g_b
         ctx.grads = [d_ha, d_hb, d_w, None if d_bias is None else d_bias.to(bias.dtype)]
-        stats6 = table[:6].clone()
-        ctx.mark_non_differentiable(stats6)
-        return total, stats6
+        ctx.mark_non_differentiable(table)
+        return total, table
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_table):
@@ -296,8 +299,8 @@ class TritonChunkedObjective(torch.autograd.Function):
         if grads is None:
             raise RuntimeError("fused_chunked_objective supports one backward per forward")
         if grad_loss is None:
-            return (None,) * 7
-        return tuple(None if t is None else t.mul_(grad_loss.to(t.dtype)) for t in grads) + (None, None, None)
+            return (None,) * 8
+        return tuple(None if t is None else t.mul_(grad_loss.to(t.dtype)) for t in grads) + (None, None, None, None)
 
 
 def gather_units(x: Tensor, grid: UnitGrid, perm: Tensor, mask: Tensor, image: Tensor,
