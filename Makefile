@@ -1,6 +1,7 @@
 # pcr_fast — the two commands a user needs (both set themselves up on a fresh machine):
 #   make demo   the main job: plain SFT vs PCR on poisoned data, table + results.json + PNG
-#   make test   the test suite (Triton kernels under TRITON_INTERPRET=1 on a CPU machine)
+#   make test   the test suite (Triton kernels under TRITON_INTERPRET=1 on a CPU machine);
+#               one file: make test TESTS=tests/test_loss.py
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,6 +9,7 @@ PYTHON ?= python3
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+TESTS ?= tests
 
 .PHONY: all install demo test bench bench-loss bench-augment clean
 
@@ -31,7 +33,7 @@ demo: $(STAMP)
 # (tests/conftest.py decides); the pytest executable (not `python -m pytest`) keeps the
 # repository root off sys.path so `kernels/` is only ever imported as pcr_fast.kernels.
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS) tests
+	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS) $(TESTS)
 
 bench: bench-loss bench-augment
 

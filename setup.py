@@ -4,23 +4,23 @@ The Triton kernels live in the top-level ``kernels/`` folder of the repository b
 installed as ``pcr_fast.kernels`` (never as a top-level ``kernels`` module: that name
 belongs to Hugging Face's ``kernels`` package, which transformers imports).
 """
-from setuptools import setup
+import re
+from pathlib import Path
 
-PACKAGES = [
-    "pcr_fast",
-    "pcr_fast.augment",
-    "pcr_fast.backends",
-    "pcr_fast.hf",
-    "pcr_fast.eval",
-    "pcr_fast.testing",
-    "pcr_fast.kernels",
-]
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+# one version, written in pcr_fast/__init__.py
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "pcr_fast" / "__init__.py").read_text(), re.M).group(1)
+
+PACKAGES = find_packages(include=["pcr_fast", "pcr_fast.*"]) + ["pcr_fast.kernels"]
 
 setup(
     name="pcr_fast",
-    version="0.1.0",
+    version=VERSION,
+    license="Apache-2.0",
     description="Fused Triton kernels and an HF integration for PCR backdoor-defense fine-tuning",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=PACKAGES,
@@ -41,8 +41,8 @@ setup(
         "scikit-learn",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=5", "hypothesis>=6", "pytest-timeout"],
-        "bench": ["pytest-benchmark>=5", "matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-benchmark>=5"],
+        "bench": ["matplotlib"],
         "peers": ["liger-kernel", "cut-cross-entropy", "kornia"],
         "trl": ["trl"],
         "gpu": ["flash-attn"],

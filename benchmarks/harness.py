@@ -3,8 +3,8 @@ device roofline probes (matmul rate, copy bandwidth), JSON records and plots.
 
 Why a harness: every benchmark must time the same way (warm-up, device events on CUDA,
 cold caches, median with p20/p80), must say on which machine/commit a number was taken, and
-must write a record that can be re-plotted and compared later. Keep it free of pcr_fast
-imports so it can measure anything.
+must write a record that can be re-plotted and compared later. From pcr_fast it takes only
+the environment record helpers (pcr_fast.environment), so it can measure anything.
 
 Timing
     CUDA: ``triton.testing.do_bench`` (warm-up, CUDA events, an L2 flush before every call)

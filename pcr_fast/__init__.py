@@ -4,17 +4,20 @@ Public API (see README):
     two_view_stats, TwoViewStats          per-row CE/KL/entropy of two views (fused)
     TwoViewLoss, two_view_loss            the PCR objective
     PatchAugment, patch_augment           one-pass patch shuffle/mask of pixel_values
-    PCRConfig, compute_pcr_loss, PCRTrainer, PCRTrainerMixin   HF integration
-    BackdoorMemory, cross_view_flags, unlearning_loss, scan_dataset   scan-and-unlearn PCR
+    PCRConfig (+ AugmentConfig, DetectorConfig, UnlearnConfig, ObjectiveConfig, ScheduleConfig,
+        ExecutionConfig)                                      the defense's settings
+    compute_pcr_loss, PCRTrainer, PCRTrainerMixin         HF integration
+    BackdoorMemory, cross_view_flags, unlearning_loss, ScanSchedule, scan_dataset   scan-and-unlearn PCR
 """
 from __future__ import annotations
 
 import importlib
 import logging
 
-from .config import PCRConfig
+from .config import (AugmentConfig, DetectorConfig, ExecutionConfig, ObjectiveConfig, PCRConfig, ScheduleConfig,
+                     UnlearnConfig)
+from .defense import BackdoorMemory, ScanSchedule, UnlearningLossOutput, cross_view_flags, unlearning_loss
 from .loss import TwoViewLoss, TwoViewLossOutput, two_view_loss
-from .scan import BackdoorMemory, UnlearningLossOutput, cross_view_flags, unlearning_loss
 from .stats import TwoViewStats, two_view_stats
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -35,7 +38,9 @@ _LAZY = {
 }
 
 __all__ = ["two_view_stats", "TwoViewStats", "TwoViewLoss", "TwoViewLossOutput", "two_view_loss",
-           "PCRConfig", "BackdoorMemory", "UnlearningLossOutput", "cross_view_flags", "unlearning_loss", *_LAZY]
+           "PCRConfig", "AugmentConfig", "DetectorConfig", "UnlearnConfig", "ObjectiveConfig", "ScheduleConfig",
+           "ExecutionConfig", "BackdoorMemory", "ScanSchedule", "UnlearningLossOutput", "cross_view_flags",
+           "unlearning_loss", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -1,6 +1,6 @@
 """``TwoViewLoss``: the PCR objective composed from the fused two-view statistics.
 
-Per token t (DESIGN §1)::
+Per token t (DESIGN §3)::
 
     ℓ_t = ce_weight · CE(p_a, y_t)                      (labelled tokens)
         + divergence_weight · φ(D_t)                     (selected tokens)
@@ -14,20 +14,17 @@ in :func:`pcr_fast.two_view_stats`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .config import DetectorConfig, ObjectiveConfig, PCRConfig
 from .stats import TwoViewStats, fused_chunked_objective, resolve_backend, two_view_stats
 
-DIVERGENCES = ("kl", "reverse_kl", "symmetric_kl")
-DIVERGENCE_FORMS = ("hinge", "clip")
-ENTROPY_VIEWS = ("a", "b", "both")
-ENTROPY_FORMS = ("linear", "below", "above", "square")
 REDUCTIONS = ("mean", "sum", "none")
-TOKEN_SELECTIONS = ("labelled", "all")
 
 
 @dataclass
@@ -57,129 +54,101 @@ def unlikelihood_from_ce(ce: Tensor) -> Tensor:
     return -torch.log(-torch.expm1(-ce.clamp_min(1e-6)))
 
 
-def _choice(name: str, value: str, allowed) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
-
-
 class TwoViewLoss(nn.Module):
     """The PCR objective on hidden states of two views and the lm_head weight.
 
-    Args:
-        ce_weight: weight of the next-token CE on the original view a.
-        divergence: ``kl`` = KL(p_a‖p_b), ``reverse_kl`` = KL(p_b‖p_a), ``symmetric_kl``.
-        divergence_weight: weight of the bounded pull-apart term.
-        margin: bound of the pull-apart term in nats (``None``: unbounded −D).
-        divergence_form: ``hinge`` = relu(margin − D) or ``clip`` = −min(D, margin).
-        entropy_weight: weight of the entropy term.
-        entropy_view: which view's entropy: ``a`` (original), ``b`` (augmented), ``both``.
-        entropy_target: level used by the ``below``/``above``/``square`` forms.
-        entropy_form: ``linear`` (+H: lower entropy), ``below`` (relu(H − target): keep
-            entropy under the target), ``above`` (relu(target − H): keep it over), ``square``
-            ((H − target)²). Defaults to ``linear`` without a target, ``below`` with one.
-        regularize: tokens the divergence/entropy act on: ``labelled`` (response tokens,
-            default) or ``all`` (every row, or those in ``token_mask``).
-        reduction: ``mean`` (over labelled tokens, or ``num_items_in_batch``), ``sum``, ``none``.
-        detach_view_b: stop-gradient through view b (its distribution is a constant target).
-        gate_weight: weight λ of the cross-view gate (0 disables it). Per response (a row of
-            2-D labels), with S = max over its labelled tokens of KL(p_a‖p_b) + KL(p_b‖p_a)
-            and K, t* = max / argmax of ce_b: a response that does not depend on the image
-            (S < ``gate_threshold``) although the augmented view still predicts all of it
-            (K < ``gate_confidence``) — the backdoor signature — gets λ·(−log(1 − p_a(y)))
-            (unlikelihood) at its decisive token t*, normalised like the CE. The gate itself
-            is detached. See README, "Does the defense work?".
-        gate_threshold, gate_confidence: τ and κ above, in nats.
-        gate_max_fraction: at most this share of the batch's responses is flagged (the most
-            invariant ones): a safety valve, since poisoned responses are a minority by
-            assumption (None: no cap).
-        temperature, softcap, ignore_index, backend: passed to :func:`two_view_stats`.
+    Per token: ``ce_weight·CE(p_a, y) + divergence_weight·φ(D) + entropy_weight·ψ(H)``
+    and, with ``gate_weight > 0``, the cross-view gate: per response (a row of 2-D
+    labels), with S = max over its labelled tokens of KL(p_a‖p_b) + KL(p_b‖p_a) and K, t* =
+    max / argmax of ce_b, a response that does not depend on the image
+    (S < ``invariance_threshold``) although the augmented view still predicts all of it
+    (K < ``view_confidence``) — the backdoor signature — gets λ·(−log(1 − p_a(y)))
+    (unlikelihood) at its decisive token t*, normalised like the CE. The gate is detached.
 
-    Defaults come from the evaluation harness (README, "Choosing the defaults").
+    Args:
+        objective: the terms and their weights (:class:`~pcr_fast.config.ObjectiveConfig`;
+            its fields can also be given as keywords: ``TwoViewLoss(divergence_weight=2.0)``).
+        detector: the gate's thresholds (:class:`~pcr_fast.config.DetectorConfig`;
+            ``invariance_threshold`` / ``view_confidence`` as keywords too).
+        reduction: ``mean`` (over labelled tokens, or ``num_items_in_batch``), ``sum``, ``none``.
+        detach_b: stop-gradient through view b (its distribution is a constant target).
+        temperature, softcap, ignore_index, backend, chunk_size: passed to
+            :func:`pcr_fast.two_view_stats`.
+
+    Defaults: the literal PCR objective (pull apart the views by up to 3 nats, gate off).
     """
 
-    def __init__(self, ce_weight: float = 1.0, divergence: str = "kl",
-                 divergence_weight: float = 1.0, margin: Optional[float] = 3.0,
-                 entropy_weight: float = 0.0, entropy_view: str = "a",
-                 entropy_target: Optional[float] = None, reduction: str = "mean",
-                 backend: str = "auto", *, divergence_form: str = "hinge",
-                 entropy_form: Optional[str] = None, regularize: str = "labelled",
-                 detach_view_b: bool = False, gate_weight: float = 0.0,
-                 gate_threshold: float = 0.03, gate_confidence: float = 1.5,
-                 gate_max_fraction: Optional[float] = None, temperature: float = 1.0,
-                 softcap: Optional[float] = None, ignore_index: int = -100,
-                 chunk_size: Optional[int] = None):
+    def __init__(self, objective: Optional[ObjectiveConfig] = None, detector: Optional[DetectorConfig] = None, *,
+                 reduction: str = "mean", backend: str = "auto", detach_b: bool = False,
+                 temperature: float = 1.0, softcap: Optional[float] = None, ignore_index: int = -100,
+                 chunk_size: Optional[int] = None, **fields: Any):
         super().__init__()
-        self.ce_weight = float(ce_weight)
-        self.divergence = _choice("divergence", divergence, DIVERGENCES)
-        self.divergence_weight = float(divergence_weight)
-        if margin is not None and margin <= 0:
-            raise ValueError(f"margin must be positive or None, got {margin!r}")
-        self.margin = margin
-        self.divergence_form = _choice("divergence_form", divergence_form, DIVERGENCE_FORMS)
-        self.entropy_weight = float(entropy_weight)
-        self.entropy_view = _choice("entropy_view", entropy_view, ENTROPY_VIEWS)
-        self.entropy_target = entropy_target
-        if entropy_form is None:
-            entropy_form = "linear" if entropy_target is None else "below"
-        self.entropy_form = _choice("entropy_form", entropy_form, ENTROPY_FORMS)
-        if self.entropy_form != "linear" and entropy_target is None:
-            raise ValueError(f"entropy_target is required with entropy_form={entropy_form!r}")
-        self.regularize = _choice("regularize", regularize, TOKEN_SELECTIONS)
-        self.reduction = _choice("reduction", reduction, REDUCTIONS)
+        objective = objective if objective is not None else ObjectiveConfig()
+        detector = detector if detector is not None else DetectorConfig()
+        if not isinstance(objective, ObjectiveConfig):
+            raise ValueError(f"objective must be an ObjectiveConfig, got {type(objective).__name__}")
+        if not isinstance(detector, DetectorConfig):
+            raise ValueError(f"detector must be a DetectorConfig, got {type(detector).__name__}")
+        own = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+        gate = {"invariance_threshold", "view_confidence"}
+        unknown = sorted(set(fields) - own - gate)
+        if unknown:
+            raise TypeError(f"TwoViewLoss got unexpected keyword(s) {unknown}")
+        self.objective = dataclasses.replace(objective, **{k: v for k, v in fields.items() if k in own})
+        self.detector = dataclasses.replace(detector, **{k: v for k, v in fields.items() if k in gate})
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
         self.backend = backend
-        self.detach_view_b = bool(detach_view_b)
-        if gate_weight < 0 or gate_threshold <= 0 or gate_confidence <= 0:
-            raise ValueError(f"gate_weight must be >= 0 and gate_threshold, gate_confidence > 0; got "
-                             f"{gate_weight}, {gate_threshold}, {gate_confidence}")
-        self.gate_weight = float(gate_weight)
-        self.gate_threshold = float(gate_threshold)
-        self.gate_confidence = float(gate_confidence)
-        if gate_max_fraction is not None and not 0 < gate_max_fraction <= 1:
-            raise ValueError(f"gate_max_fraction must be in (0, 1] or None, got {gate_max_fraction!r}")
-        self.gate_max_fraction = gate_max_fraction
+        self.detach_b = bool(detach_b)
         self.temperature = temperature
         self.softcap = softcap
         self.ignore_index = ignore_index
         self.chunk_size = chunk_size
 
+    @classmethod
+    def from_config(cls, config: PCRConfig, *, softcap: Optional[float] = None) -> "TwoViewLoss":
+        """The objective of ``PCRConfig(mode="online")`` (for a model whose logits are soft-capped
+        at ``softcap``)."""
+        return cls(config.objective, config.detector, backend=config.execution.backend,
+                   detach_b=config.execution.detach_b, softcap=softcap)
+
     def extra_repr(self) -> str:
-        return (f"ce_weight={self.ce_weight}, divergence={self.divergence!r}, "
-                f"divergence_weight={self.divergence_weight}, margin={self.margin}, "
-                f"entropy_weight={self.entropy_weight}, entropy_view={self.entropy_view!r}, "
-                f"reduction={self.reduction!r}, detach_view_b={self.detach_view_b}, "
-                f"gate_weight={self.gate_weight}")
+        o = self.objective
+        return (f"ce_weight={o.ce_weight}, divergence={o.divergence!r}, divergence_weight={o.divergence_weight}, "
+                f"margin={o.margin}, entropy_weight={o.entropy_weight}, entropy_view={o.entropy_view!r}, "
+                f"reduction={self.reduction!r}, detach_b={self.detach_b}, gate_weight={o.gate_weight}")
 
     # -- the pieces, each on (N,) vectors -------------------------------------------------
     def divergence_values(self, stats: TwoViewStats) -> Tensor:
-        if self.divergence == "kl":
+        if self.objective.divergence == "kl":
             return stats.kl_ab
-        if self.divergence == "reverse_kl":
+        if self.objective.divergence == "reverse_kl":
             return stats.kl_ba
         return stats.kl_ab + stats.kl_ba
 
     def pull_apart(self, d: Tensor) -> Tensor:
         """φ(D): decreasing in D, bounded by the margin (zero gradient beyond it)."""
-        if self.margin is None:
+        if self.objective.margin is None:
             return -d
-        if self.divergence_form == "hinge":
-            return torch.relu(self.margin - d)
-        return -torch.clamp(d, max=self.margin)
+        if self.objective.divergence_form == "hinge":
+            return torch.relu(self.objective.margin - d)
+        return -torch.clamp(d, max=self.objective.margin)
 
     def entropy_values(self, stats: TwoViewStats) -> Tensor:
-        if self.entropy_view == "a":
+        if self.objective.entropy_view == "a":
             return stats.ent_a
-        if self.entropy_view == "b":
+        if self.objective.entropy_view == "b":
             return stats.ent_b
         return stats.ent_a + stats.ent_b
 
     def entropy_penalty(self, h: Tensor) -> Tensor:
-        t = self.entropy_target
-        if self.entropy_form == "linear":
+        t = self.objective.entropy_target
+        if self.objective.resolved_entropy_form == "linear":
             return h
-        if self.entropy_form == "below":
+        if self.objective.resolved_entropy_form == "below":
             return torch.relu(h - t)
-        if self.entropy_form == "above":
+        if self.objective.resolved_entropy_form == "above":
             return torch.relu(t - h)
         return (h - t) ** 2
 
@@ -191,9 +160,10 @@ class TwoViewLoss(nn.Module):
             ce_b = stats.ce_b.view(rows, -1).masked_fill(~lab, float("-inf"))
             invariance = sym.max(dim=1).values
             confidence, decisive = ce_b.max(dim=1)
-            flag = lab.any(dim=1) & (invariance < self.gate_threshold) & (confidence < self.gate_confidence)
-            if self.gate_max_fraction is not None:  # keep only the most invariant responses
-                k = max(1, int(self.gate_max_fraction * rows))
+            flag = (lab.any(dim=1) & (invariance < self.detector.invariance_threshold)
+                    & (confidence < self.detector.view_confidence))
+            if self.objective.gate_max_fraction is not None:  # keep only the most invariant responses
+                k = max(1, int(self.objective.gate_max_fraction * rows))
                 order = invariance.masked_fill(~flag, float("inf")).argsort()
                 keep = torch.zeros_like(flag)
                 keep[order[:k]] = True
@@ -221,11 +191,11 @@ class TwoViewLoss(nn.Module):
 
     def _stats_kwargs(self) -> dict:
         return dict(temperature=self.temperature, softcap=self.softcap, ignore_index=self.ignore_index,
-                    backend=self.backend, detach_b=self.detach_view_b, chunk_size=self.chunk_size)
+                    backend=self.backend, detach_b=self.detach_b, chunk_size=self.chunk_size)
 
     def _use_fused_chunked(self, h_a: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
         """The compute-minimal path: triton_chunked, a scalar loss, and gradients wanted."""
-        if self.reduction == "none" or not torch.is_grad_enabled() or self.gate_weight > 0:
+        if self.reduction == "none" or not torch.is_grad_enabled() or self.objective.gate_weight > 0:
             return False  # the gate pools whole responses: not separable into row chunks
         if not any(t is not None and t.requires_grad for t in (h_a, weight, bias)):
             return False
@@ -246,14 +216,14 @@ class TwoViewLoss(nn.Module):
         it looks invariant under ANY draw (a trigger the first draw happens to break can
         survive another).
         """
-        if extra_views and self.gate_weight == 0:
+        if extra_views and self.objective.gate_weight == 0:
             raise ValueError("extra_views only feed the cross-view gate: set gate_weight > 0")
-        if self.gate_weight > 0 and labels.dim() != 2:
+        if self.objective.gate_weight > 0 and labels.dim() != 2:
             raise ValueError(f"labels must be 2-D (B, T) with gate_weight > 0 (the gate pools each "
                              f"response, a row); got shape {tuple(labels.shape)}")
         labels1 = labels.reshape(-1)
         labelled = labels1 != self.ignore_index
-        if self.regularize == "labelled":
+        if self.objective.regularize == "labelled":
             reg = labelled
         elif token_mask is not None:
             if token_mask.numel() != labels1.numel():
@@ -269,19 +239,19 @@ class TwoViewLoss(nn.Module):
             den_ce = den_reg = torch.ones((), dtype=dtype, device=lab_f.device)
         elif num_items_in_batch is not None:
             den_ce = den_reg = torch.as_tensor(num_items_in_batch, dtype=dtype, device=lab_f.device)
-        elif self.regularize == "labelled":
+        elif self.objective.regularize == "labelled":
             den_ce = den_reg = n_lab.clamp_min(1)
         else:  # separate normalisers when CE and regulariser cover different rows
             den_ce, den_reg = n_lab.clamp_min(1), n_reg.clamp_min(1)
 
         def row_losses(st: TwoViewStats, rows: slice = slice(None)) -> Tensor:
             """Per-row contributions whose sum is the loss (row-separable by design)."""
-            out = self.ce_weight * st.ce_a / den_ce
+            out = self.objective.ce_weight * st.ce_a / den_ce
             reg_rows = reg_f[rows]
-            if self.divergence_weight != 0.0:
-                out = out + self.divergence_weight * self.pull_apart(self.divergence_values(st)) * reg_rows / den_reg
-            if self.entropy_weight != 0.0:
-                out = out + self.entropy_weight * self.entropy_penalty(self.entropy_values(st)) * reg_rows / den_reg
+            if self.objective.divergence_weight != 0.0:
+                out = out + self.objective.divergence_weight * self.pull_apart(self.divergence_values(st)) * reg_rows / den_reg
+            if self.objective.entropy_weight != 0.0:
+                out = out + self.objective.entropy_weight * self.entropy_penalty(self.entropy_values(st)) * reg_rows / den_reg
             return out
 
         gated_fraction = None
@@ -293,12 +263,12 @@ class TwoViewLoss(nn.Module):
             stats = two_view_stats(h_a, h_b, weight, labels, bias=bias, **self._stats_kwargs())
             per_row = row_losses(stats)
             gated_fraction = None
-            if self.gate_weight > 0:
+            if self.objective.gate_weight > 0:
                 flag, decisive = self.gate(stats, labelled, labels.shape[0])
                 for h_k in extra_views or ():
                     flag, decisive = self._union_gate(flag, decisive, h_a, h_k, weight, labels, bias,
                                                       labelled)
-                per_row = per_row + self.gate_weight * decisive * self.unlikelihood(stats.ce_a) / den_ce
+                per_row = per_row + self.objective.gate_weight * decisive * self.unlikelihood(stats.ce_a) / den_ce
                 gated_fraction = flag.to(dtype).mean()
             loss = per_row if self.reduction == "none" else per_row.sum()
         with torch.no_grad():
@@ -318,7 +288,7 @@ class TwoViewLoss(nn.Module):
 
 
 def two_view_loss(h_a: Tensor, h_b: Tensor, weight: Tensor, labels: Tensor,
-                  bias: Optional[Tensor] = None, num_items_in_batch=None, **options) -> TwoViewLossOutput:
+                  bias: Optional[Tensor] = None, num_items_in_batch=None, **options: Any) -> TwoViewLossOutput:
     """Functional form of :class:`TwoViewLoss` (``options`` are its constructor arguments)."""
     return TwoViewLoss(**options)(h_a, h_b, weight, labels, bias=bias,
                                   num_items_in_batch=num_items_in_batch)

@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, __file__.rsplit("/research/", 1)[0])
 from research.common import train, write  # noqa: E402
 
-from pcr_fast import PCRConfig  # noqa: E402
+from pcr_fast.augment import PatchAugment  # noqa: E402
+from pcr_fast.config import AugmentConfig  # noqa: E402
 from pcr_fast.eval.runner import prepare_experiment  # noqa: E402
 
 torch.set_num_threads(1)
@@ -28,7 +29,7 @@ subset = int(sys.argv[4]) if len(sys.argv) > 4 else 2000
 K = 3
 exp = prepare_experiment(attack, ratio, seed, init="pretrained")
 net = exp.initial_model()
-augment = PCRConfig(seed=seed).make_augment(net)
+augment = PatchAugment.from_config(AugmentConfig(), net, seed=seed)
 gen = torch.Generator().manual_seed(seed)
 clean = [i for i in range(exp.num_samples) if not exp.is_poisoned[i]]
 pick = sorted(exp.poisoned + [clean[j] for j in torch.randperm(len(clean), generator=gen)[:subset].tolist()])

@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, __file__.rsplit("/research/", 1)[0])
 from research.common import train, write  # noqa: E402
 
-from pcr_fast import PCRConfig  # noqa: E402
+from pcr_fast.augment import PatchAugment  # noqa: E402
+from pcr_fast.config import AugmentConfig  # noqa: E402
 from pcr_fast.eval.runner import prepare_experiment  # noqa: E402
 from pcr_fast.hf.counting import compute_cost  # noqa: E402
 
@@ -85,7 +86,7 @@ def run(tag, cfg, attack, seed, ratio):
     net = exp.initial_model()
     V = net.get_output_embeddings().weight.shape[0]
     mem = Memory(exp.num_samples, V, c)
-    augment = PCRConfig(seed=seed, mask_ratio=c["mask"]).make_augment(net)
+    augment = PatchAugment.from_config(AugmentConfig(mask_ratio=c["mask"]), net, seed=seed)
     gen = torch.Generator().manual_seed(seed + 99)
     log = {"tested": 0, "flag_p": 0, "flag_c": 0, "drop_p": 0, "drop_c": 0}
     poisoned = exp.is_poisoned

@@ -28,6 +28,12 @@ import torch  # noqa: E402
 
 
 def pytest_configure(config):
+    # a per-test time limit where pytest-timeout is installed (the test extra); a plain
+    # install runs the suite without it
+    if config.pluginmanager.hasplugin("timeout") and not getattr(config.option, "timeout", None):
+        config.option.timeout = 900
+    if config.pluginmanager.hasplugin("benchmark"):
+        config.option.benchmark_disable = True   # benchmark fixtures run their function once
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped otherwise)")
     config.addinivalue_line("markers", "slow: longer tests (still run in make test)")
 
@@ -60,3 +66,11 @@ def pytest_runtest_makereport(item, call):
         for key, value in item.user_properties:
             if key == "torch_seed":
                 report.sections.append(("seed", f"replay with PCR_TEST_SEED={value}"))
+
+
+try:  # pytest-benchmark (the test extra) provides `benchmark`; a plain install calls the function once
+    import pytest_benchmark  # noqa: F401
+except ImportError:
+    @pytest.fixture
+    def benchmark():
+        return lambda fn, *args, **kwargs: fn(*args, **kwargs)

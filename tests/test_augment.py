@@ -159,7 +159,7 @@ def test_mask_and_permutation_are_independent_and_uniform():
     """Each source unit survives a shuffle+mask with probability 1 - k/n (no unit favoured)."""
     n_images, k_expected = 6000, 1
     x = torch.randn(n_images, 1, 2, 2, device=DEVICE)  # 4 units of 1 px per image, k = 1
-    res = patch_augment(x, patch_size=1, mask_ratio=0.25, fill="zero", seed=11, backend="torch")
+    res = patch_augment(x, shuffle=True, patch_size=1, mask_ratio=0.25, fill="zero", seed=11, backend="torch")
     perm, mask = res.permutation, res.mask
     assert (mask.sum(1) == k_expected).all()
     survived = torch.zeros(4, device=perm.device)
@@ -177,8 +177,8 @@ def test_mask_and_permutation_are_independent_and_uniform():
 def test_triton_equals_torch_bit_for_bit(layout, dtype):
     x, kw = make_input(layout, dtype)
     for fill in ("mean", "zero", "noise"):
-        ref = patch_augment(x, mask_ratio=0.3, fill=fill, seed=5, backend="torch", **kw)
-        got = patch_augment(x, mask_ratio=0.3, fill=fill, seed=5, backend="triton", **kw)
+        ref = patch_augment(x, shuffle=True, mask_ratio=0.3, fill=fill, seed=5, backend="torch", **kw)
+        got = patch_augment(x, shuffle=True, mask_ratio=0.3, fill=fill, seed=5, backend="triton", **kw)
         assert torch.equal(ref.pixel_values, got.pixel_values), fill
         assert torch.equal(ref.permutation, got.permutation) and torch.equal(ref.mask, got.mask)
 
@@ -186,9 +186,9 @@ def test_triton_equals_torch_bit_for_bit(layout, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_seed_reproducible_and_images_differ(backend):
     x, kw = make_input("bchw")
-    a = patch_augment(x, seed=123, backend=backend, **kw)
-    b = patch_augment(x, seed=123, backend=backend, **kw)
-    c = patch_augment(x, seed=124, backend=backend, **kw)
+    a = patch_augment(x, shuffle=True, mask_ratio=0.25, seed=123, backend=backend, **kw)
+    b = patch_augment(x, shuffle=True, mask_ratio=0.25, seed=123, backend=backend, **kw)
+    c = patch_augment(x, shuffle=True, mask_ratio=0.25, seed=124, backend=backend, **kw)
     assert torch.equal(a.pixel_values, b.pixel_values)
     assert not torch.equal(a.permutation, c.permutation)
     perms = a.permutation
@@ -196,13 +196,26 @@ def test_seed_reproducible_and_images_differ(backend):
         for j in range(i + 1, perms.shape[0]):
             assert not torch.equal(perms[i], perms[j])
     gen = torch.Generator(device=DEVICE).manual_seed(123)
-    assert torch.equal(patch_augment(x, generator=gen, backend=backend, **kw).pixel_values, a.pixel_values)
+    again = patch_augment(x, shuffle=True, mask_ratio=0.25, generator=gen, backend=backend, **kw)
+    assert torch.equal(again.pixel_values, a.pixel_values)
+
+
+def test_defaults_are_the_measured_view_of_the_defense():
+    """PatchAugment() makes the defense's view (AugmentConfig): no shuffle, half masked, mean fill."""
+    from pcr_fast import AugmentConfig
+
+    aug, cfg = PatchAugment(4), AugmentConfig()
+    assert (aug.shuffle, aug.mask_ratio, aug.fill) == (cfg.shuffle, cfg.mask_ratio, cfg.fill) == (False, 0.5, "mean")
+    x, kw = make_input("bchw")
+    res = patch_augment(x, seed=0, **kw)
+    assert torch.equal(res.permutation, torch.arange(res.permutation.shape[-1]).expand_as(res.permutation))
+    assert torch.allclose(res.mask.float().mean(-1), torch.tensor(0.5), atol=0.05)
 
 
 def test_module_seed_gives_a_reproducible_stream():
     x, kw = make_input("bchw")
-    aug1 = PatchAugment(kw["patch_size"], seed=7)
-    aug2 = PatchAugment(kw["patch_size"], seed=7)
+    aug1 = PatchAugment(kw["patch_size"], shuffle=True, mask_ratio=0.25, seed=7)
+    aug2 = PatchAugment(kw["patch_size"], shuffle=True, mask_ratio=0.25, seed=7)
     first, second = aug1(x), aug1(x)
     assert not torch.equal(first, second), "successive calls must draw afresh"
     assert torch.equal(aug2(x), first) and torch.equal(aug2(x), second)
@@ -229,7 +242,7 @@ def test_one_triton_launch_per_call(monkeypatch):
     for layout in LAYOUTS:
         x, kw = make_input(layout)
         launches.clear()
-        patch_augment(x, mask_ratio=0.25, fill="noise", backend="triton", **kw)
+        patch_augment(x, shuffle=True, mask_ratio=0.25, fill="noise", backend="triton", **kw)
         assert len(launches) == 1, layout
 
 
@@ -242,19 +255,21 @@ def test_exact_copy_non_contiguous_batch_of_one(backend):
     assert torch.equal(same.pixel_values, x)
     # A reduction's order depends on the memory layout, so "mean" is compared on the same
     # input across backends and the layout-independence on a fixed fill.
-    ref = patch_augment(x.contiguous(), patch_size=6, seed=2, fill="zero", backend="torch")
-    got = patch_augment(x, patch_size=6, seed=2, fill="zero", backend=backend)
+    old = dict(shuffle=True, mask_ratio=0.25)  # shuffle and mask: both paths of the gather
+    ref = patch_augment(x.contiguous(), patch_size=6, seed=2, fill="zero", backend="torch", **old)
+    got = patch_augment(x, patch_size=6, seed=2, fill="zero", backend=backend, **old)
     assert torch.equal(got.pixel_values, ref.pixel_values)
-    assert torch.equal(patch_augment(x, patch_size=6, seed=2, backend=backend).pixel_values,
-                       patch_augment(x, patch_size=6, seed=2, backend="torch").pixel_values)
+    assert torch.equal(patch_augment(x, patch_size=6, seed=2, backend=backend, **old).pixel_values,
+                       patch_augment(x, patch_size=6, seed=2, backend="torch", **old).pixel_values)
     # Non-contiguous tiles (a strided slice of a larger batch) and rows.
     tiles = torch.randn(2, 6, 3, 12, 16, device=DEVICE)[:, ::2]
-    assert torch.equal(patch_augment(tiles, patch_size=4, seed=1, fill=0.5, backend=backend).pixel_values,
-                       patch_augment(tiles.contiguous(), patch_size=4, seed=1, fill=0.5, backend="torch").pixel_values)
+    assert torch.equal(patch_augment(tiles, patch_size=4, seed=1, fill=0.5, backend=backend, **old).pixel_values,
+                       patch_augment(tiles.contiguous(), patch_size=4, seed=1, fill=0.5, backend="torch",
+                                     **old).pixel_values)
     rows_x, kw = make_input("rows")
     wide = torch.randn(rows_x.shape[0], rows_x.shape[1] * 2, device=DEVICE)[:, ::2]
-    assert torch.equal(patch_augment(wide, seed=4, fill="zero", backend=backend, **kw).pixel_values,
-                       patch_augment(wide.contiguous(), seed=4, fill="zero", backend="torch", **kw).pixel_values)
+    assert torch.equal(patch_augment(wide, seed=4, fill="zero", backend=backend, **old, **kw).pixel_values,
+                       patch_augment(wide.contiguous(), seed=4, fill="zero", backend="torch", **old, **kw).pixel_values)
 
 
 def test_random_shapes_triton_equals_torch_and_permutes():
@@ -264,7 +279,7 @@ def test_random_shapes_triton_equals_torch_and_permutes():
         remainder = bool(torch.randint(0, 2, (), generator=gen))
         H, W = gh * unit + (rh % unit if remainder else 0), gw * unit + (rw % unit if remainder else 0)
         x = torch.randn(b, c, H, W, device=DEVICE)
-        kw = dict(patch_size=unit, mask_ratio=float(torch.rand((), generator=gen)) * 0.9,
+        kw = dict(patch_size=unit, shuffle=True, mask_ratio=float(torch.rand((), generator=gen)) * 0.9,
                   fill="mean", allow_remainder=remainder, seed=int(torch.randint(0, 99, (), generator=gen)))
         ref, got = patch_augment(x, backend="torch", **kw), patch_augment(x, backend="triton", **kw)
         assert torch.equal(ref.pixel_values, got.pixel_values), (x.shape, kw)
@@ -286,8 +301,8 @@ def test_gpu_model_sized_inputs(dtype):
               dict(patch_size=14, merge_size=2, image_grid_thw=torch.tensor([[2, 24, 34], [1, 16, 16]])))]
     for x, kw in cases:
         for fill in ("mean", "zero", "noise"):
-            ref = patch_augment(x, fill=fill, seed=0, backend="torch", **kw)
-            got = patch_augment(x, fill=fill, seed=0, backend="triton", **kw)
+            ref = patch_augment(x, shuffle=True, mask_ratio=0.25, fill=fill, seed=0, backend="torch", **kw)
+            got = patch_augment(x, shuffle=True, mask_ratio=0.25, fill=fill, seed=0, backend="triton", **kw)
             assert torch.equal(ref.pixel_values, got.pixel_values)
 
 
@@ -296,7 +311,7 @@ def test_allow_remainder_keeps_the_border(backend):
     x = torch.randn(2, 3, 13, 17, device=DEVICE)
     with pytest.raises(ValueError, match="patch_size"):
         patch_augment(x, patch_size=4, backend=backend)
-    res = patch_augment(x, patch_size=4, mask_ratio=0.3, allow_remainder=True, seed=0, backend=backend)
+    res = patch_augment(x, shuffle=True, patch_size=4, mask_ratio=0.3, allow_remainder=True, seed=0, backend=backend)
     out = res.pixel_values
     assert torch.equal(out[..., 12:, :], x[..., 12:, :]) and torch.equal(out[..., :, 16:], x[..., :, 16:])
     assert res.unit_grid == (3, 4)
@@ -326,7 +341,7 @@ def test_noise_fill_statistics():
 def test_padding_tiles_copied_unchanged(backend):
     x = torch.randn(2, 3, 3, 8, 8, device=DEVICE)
     x[1, 2] = 0                                        # LLaVA-NeXT / Idefics3 padding tile
-    res = patch_augment(x, patch_size=2, mask_ratio=0.5, fill="zero", seed=0, backend=backend)
+    res = patch_augment(x, shuffle=True, patch_size=2, mask_ratio=0.5, fill="zero", seed=0, backend=backend)
     out = res.pixel_values
     assert (out[1, 2] == 0).all() and not res.mask[1, 2].any()
     assert torch.equal(res.permutation[1, 2], torch.arange(16, device=x.device))
@@ -334,7 +349,7 @@ def test_padding_tiles_copied_unchanged(backend):
     # Mllama: aspect_ratio_mask == 0 marks padding tiles (their content is irrelevant).
     y = torch.randn(1, 2, 2, 3, 8, 8, device=DEVICE)
     tile_mask = torch.tensor([[[1, 1], [1, 0]]])
-    res = patch_augment(y, patch_size=2, mask_ratio=0.5, seed=0, tile_mask=tile_mask, backend=backend)
+    res = patch_augment(y, shuffle=True, patch_size=2, mask_ratio=0.5, seed=0, tile_mask=tile_mask, backend=backend)
     assert torch.equal(res.pixel_values[0, 1, 1], y[0, 1, 1])
     assert not torch.equal(res.pixel_values[0, 1, 0], y[0, 1, 0])
 
@@ -344,7 +359,7 @@ def test_never_an_all_zero_tile(backend):
     """Zero fill over the only non-zero unit of a tile must not turn it into padding."""
     x = torch.zeros(1, 64, 1, 4, 4, device=DEVICE)
     x[0, :, :, :2, :2] = torch.rand(64, 1, 2, 2, device=DEVICE) + 0.5   # unit 0 only
-    res = patch_augment(x, patch_size=2, mask_ratio=0.75, fill="zero", seed=3, backend=backend)
+    res = patch_augment(x, shuffle=True, patch_size=2, mask_ratio=0.75, fill="zero", seed=3, backend=backend)
     assert res.mask[0, :, 0].any(), "some tile must have its only non-zero unit masked"
     peak = res.pixel_values.abs().amax(dim=(-3, -2, -1))
     assert (peak > 0).all()
@@ -438,7 +453,7 @@ def test_qwen2_vl_processor_rows_merge_groups_are_spatial_blocks():
     proc = Qwen2VLImageProcessorPil(do_resize=False, do_rescale=False, do_normalize=False)
     batch = proc(images=[coords, _image(28, 56, 0)], return_tensors="pt")
     x, grid = batch["pixel_values"], batch["image_grid_thw"]
-    aug = PatchAugment(patch_size=14, merge_size=2, mask_ratio=0.25, fill=[1.0, 2.0, 3.0], seed=0)
+    aug = PatchAugment(patch_size=14, shuffle=True, merge_size=2, mask_ratio=0.25, fill=[1.0, 2.0, 3.0], seed=0)
     for backend in BACKENDS:
         aug.backend = backend
         res = aug.apply(x, image_grid_thw=grid)
@@ -476,9 +491,9 @@ def test_processor_layouts_llava_next_idefics3_mllama_siglip():
              (mll["pixel_values"], mll["aspect_ratio_mask"]), (sig["pixel_values"], None)]
     for pixel_values, tile_mask in cases:
         padding = (pixel_values == 0).flatten(-3).all(-1) if tile_mask is None and pixel_values.dim() > 4 else None
-        ref = patch_augment(pixel_values, patch_size=14, mask_ratio=0.5, fill="zero", seed=1,
+        ref = patch_augment(pixel_values, shuffle=True, patch_size=14, mask_ratio=0.5, fill="zero", seed=1,
                             tile_mask=tile_mask, backend="torch")
-        got = patch_augment(pixel_values, patch_size=14, mask_ratio=0.5, fill="zero", seed=1,
+        got = patch_augment(pixel_values, shuffle=True, patch_size=14, mask_ratio=0.5, fill="zero", seed=1,
                             tile_mask=tile_mask, backend="triton")
         assert torch.equal(ref.pixel_values, got.pixel_values)
         out = got.pixel_values

@@ -1,7 +1,6 @@
 """Fast tests of the evaluation harness (pcr_fast.eval) and the demo command."""
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -214,34 +213,32 @@ def test_qwen2_vl_rows_layout_and_run():
     assert torch.equal(first[:, 0], x[0, :, 0:4, 4:8]) and torch.equal(first[:, 1], first[:, 0])
     # row 2 is the patch below the first one
     assert torch.equal(rows[2].view(3, 2, 4, 4)[:, 0], x[0, :, 4:8, 0:4])
-    r = run_experiment(attack="sig", defense="pcr", model="qwen2_vl", pcr_warmup=0.0, seed=0,
+    r = run_experiment(attack="sig", defense="pcr", model="qwen2_vl", seed=0,
                        **{**_TINY, "hidden_size": 32})
     assert r["model"] == "qwen2_vl" and 0.0 <= r["asr"] <= 1.0
 
 
 def test_run_experiment_online_mode_without_warmup_and_bad_warmup():
-    from dataclasses import replace
+    from pcr_fast import ObjectiveConfig, PCRConfig
 
-    from pcr_fast.eval.defaults import DEMO_PCR_CONFIG
-
-    online = replace(DEMO_PCR_CONFIG, mode="online")
-    r = run_experiment(attack="sig", defense="pcr", pcr=online, pcr_warmup=0.0, seed=2, **_TINY)
-    assert r["pcr_warmup"] == 0.0 and r["pcr"]["gate_weight"] == DEMO_PCR_CONFIG.gate_weight
+    online = PCRConfig(mode="online", objective=ObjectiveConfig.cross_view_gate())
+    r = run_experiment(attack="sig", defense="pcr", pcr=online, seed=2, **_TINY)
+    assert r["pcr"]["schedule"]["warmup"] == 0.0 and r["pcr"]["objective"]["gate_weight"] == 19.0
     assert "scans" not in r
-    with pytest.raises(ValueError, match="pcr_warmup"):
-        run_experiment(defense="pcr", pcr_warmup=1.0, **_TINY)
+    with pytest.raises(ValueError, match="warmup"):
+        run_experiment(defense="pcr", pcr=online.override(warmup=1.0), **_TINY)
+    with pytest.raises(ValueError, match="pcr must be a PCRConfig"):
+        run_experiment(defense="pcr", pcr={"mode": "online"}, **_TINY)
 
 
 def test_run_experiment_scan_mode_scans_on_schedule():
     """The default defense: plain SFT, then scans of the whole training set at the scheduled
     steps; the result says what each scan flagged (split by the true poisoned ids)."""
-    from dataclasses import replace
-
     from pcr_fast.eval.defaults import DEMO_PCR_CONFIG
 
-    cfg = replace(DEMO_PCR_CONFIG, scan_at=(0.25, 0.75))
+    cfg = DEMO_PCR_CONFIG.override(scan_at=(0.25, 0.75))
     r = run_experiment(attack="blended", defense="pcr", pcr=cfg, poison_ratio=0.1, seed=1, **{**_TINY, "steps": 4})
-    assert [s["step"] for s in r["scans"]] == [1, 3] and r["pcr_warmup"] is None
+    assert [s["step"] for s in r["scans"]] == [1, 3]
     for s in r["scans"]:
         assert s["flagged"] == s["flagged_poisoned"] + s["flagged_clean"]
         assert s["scans"] >= 1 and isinstance(s["target_tokens"], list)
@@ -302,13 +299,14 @@ def test_demo_help_documents_every_knob(capsys):
     text = capsys.readouterr().out
     for flag in ("--attacks", "--poison-ratio", "--steps", "--seed", "--model", "--out", "--patch-size",
                  "--mask-ratio", "--shuffle", "--divergence-weight", "--margin", "--entropy-weight",
-                 "--gate-weight", "--gate-threshold", "--gate-confidence", "--detach-augmented", "--jobs",
-                 "--pcr-warmup"):
+                 "--gate-weight", "--invariance-threshold", "--view-confidence", "--detach-b", "--jobs",
+                 "--warmup", "--scan-at", "--views", "--original-confidence", "--target-share"):
         assert flag in text, flag
 
 
-def test_demo_rejects_unknown_attack():
+def test_demo_rejects_unknown_attack(capsys):
     from pcr_fast.cli import main
 
-    with pytest.raises(SystemExit, match="unknown attack"):
+    with pytest.raises(SystemExit):
         main(["demo", "--attacks", "nope", "--steps", "1"])
+    assert "unknown attack" in capsys.readouterr().err

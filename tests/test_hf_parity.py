@@ -92,7 +92,7 @@ def assert_grads_close(loss, ref, params, rtol=2e-4):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("detach", [False, True], ids=["both_views", "detach_augmented"])
+@pytest.mark.parametrize("detach", [False, True], ids=["both_views", "detach_b"])
 def test_family_parity(family, detach):
     model, make_batch = build_tiny_model(family)
     batch = make_batch(3)
@@ -101,7 +101,7 @@ def test_family_parity(family, detach):
         pad = (batch["pixel_values"].flatten(-3) == 0).all(-1)[..., None, None, None]
         pixels_b = torch.where(pad, torch.zeros(()), pixels_b)
     out = compute_pcr_loss(model, batch, augment=stand_in_augment, loss_fn=TwoViewLoss(**LOSS_OPTIONS),
-                           detach_augmented=detach)
+                           config=PCRConfig(mode="online").override(detach_b=detach))
     ref, ref_ce = naive_objective(model, batch, pixels_b, detach_b=detach)
     assert out.one_forward == (not detach)
     torch.testing.assert_close(out.loss.double(), ref, atol=2e-5, rtol=2e-5)
@@ -110,14 +110,14 @@ def test_family_parity(family, detach):
 
 
 def test_detach_changes_gradients_only_through_view_b():
-    """detach_augmented must differ from the default (else the parity test above proves nothing)."""
+    """detach_b must differ from the default (else the parity test above proves nothing)."""
     model, make_batch = build_tiny_model("qwen2_vl")
     batch = make_batch(2)
     params = probe_parameters(model)
     grads = []
     for detach in (False, True):
         out = compute_pcr_loss(model, batch, augment=stand_in_augment, loss_fn=TwoViewLoss(**LOSS_OPTIONS),
-                               detach_augmented=detach)
+                               config=PCRConfig(mode="online").override(detach_b=detach))
         grads.append(torch.autograd.grad(out.loss, params))
     assert any(not torch.allclose(a, b) for a, b in zip(*grads))
 
@@ -169,7 +169,8 @@ def test_softcap_follows_what_the_model_does(family):
         own = model(**inputs).logits
     applied = torch.allclose(own, 2.0 * torch.tanh(z / 2.0), atol=1e-5)
     assert applied or torch.allclose(own, z, atol=1e-5)
-    config = PCRConfig(divergence_weight=0.7, entropy_weight=0.1, gate_weight=0.0, backend="torch")
+    config = PCRConfig().override(mode="online", divergence_weight=0.7, entropy_weight=0.1, gate_weight=0.0,
+                                  backend="torch")
     out = compute_pcr_loss(model, batch, augment=stand_in_augment, config=config)
     ref, _ = naive_objective(model, batch, stand_in_augment(batch["pixel_values"]),
                              softcap=2.0 if applied else None)
@@ -203,7 +204,7 @@ def test_default_parts_come_from_the_config():
         pytest.skip("pcr_fast.augment not available yet")
     model, make_batch = build_tiny_model("llava")
     batch = make_batch(2)
-    config = PCRConfig(patch_size=4, backend="torch", seed=0, divergence_weight=1.0)
+    config = PCRConfig().override(mode="online", patch_size=4, backend="torch", augment_seed=0, divergence_weight=1.0)
     first = compute_pcr_loss(model, batch, config=config)
     second = compute_pcr_loss(model, batch, config=config)
     assert torch.isfinite(first.loss) and first.loss.requires_grad
@@ -236,3 +237,32 @@ def test_parity_with_real_patch_augment(family):
         pixels_b = torch.where(pad, torch.zeros(()), pixels_b)
     ref, _ = naive_objective(model, batch, pixels_b)
     torch.testing.assert_close(out.loss.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_regularize_all_uses_the_shifted_attention_mask_on_a_padded_batch():
+    """regularize="all": the pull-apart covers every real (non-padding) position of the shifted
+    sequence — attention_mask[:, 1:], not [:, :-1] (the two differ on a right-padded batch)."""
+    model, make_batch = build_tiny_model("llava")
+    for seed in range(50):  # the first deterministic batch whose rows have different lengths
+        batch = make_batch(4, generator=torch.Generator().manual_seed(seed))
+        if not torch.equal(batch["attention_mask"][:, 1:], batch["attention_mask"][:, :-1]):
+            break
+    mask = batch["attention_mask"]
+    assert not torch.equal(mask[:, 1:], mask[:, :-1]), "the batch must be ragged for this test to mean anything"
+    loss_fn = TwoViewLoss(divergence_weight=0.7, margin=None, regularize="all", backend="torch")
+    out = compute_pcr_loss(model, batch, augment=stand_in_augment, loss_fn=loss_fn,
+                           config=PCRConfig(mode="online"))
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        z_a = (model.model(**inputs).last_hidden_state.double() @ head.weight.double().T)[:, :-1]
+        inputs["pixel_values"] = stand_in_augment(batch["pixel_values"])
+        z_b = (model.model(**inputs).last_hidden_state.double() @ head.weight.double().T)[:, :-1]
+    labels = batch["labels"][:, 1:]
+    lab = labels != -100
+    tok = mask[:, 1:].bool()
+    logp, logq = torch.log_softmax(z_a, -1), torch.log_softmax(z_b, -1)
+    ce = -logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    want = (ce * lab).sum() / lab.sum() - 0.7 * (kl * tok).sum() / tok.sum()  # margin=None: φ(D) = −D
+    torch.testing.assert_close(out.loss.detach().double(), want, atol=2e-5, rtol=2e-5)

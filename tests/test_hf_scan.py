@@ -49,8 +49,8 @@ def test_scan_batch_flags_follow_the_views(family):
     # a threshold between "identical" (0) and what the scrambled view really changes
     changed = naive_max_sym_kl(model, batch, scramble(batch["pixel_values"]))
     assert float(changed.min()) > 1e-9
-    loose = PCRConfig(gate_threshold=0.5 * float(changed.min()), gate_confidence=1e9, scan_original_confidence=1e9,
-                      gate_views=2, backend="torch")
+    loose = PCRConfig().override(invariance_threshold=0.5 * float(changed.min()), view_confidence=1e9, original_confidence=1e9,
+                      views=2, backend="torch")
     mem.begin_scan()
     # identical views are invariant: every response is flagged (confidence checks off)
     assert scan_batch(model, batch, mem, config=loose, augment=identity).all()
@@ -61,7 +61,7 @@ def test_scan_batch_flags_follow_the_views(family):
     mem2.begin_scan()
     assert not scan_batch(model, batch, mem2, config=loose, augment=scramble).any()
     # and a random model is never sure of the labels: the default confidence check refuses all
-    assert not scan_batch(model, batch, mem2, config=PCRConfig(backend="torch"), augment=identity).any()
+    assert not scan_batch(model, batch, mem2, config=PCRConfig().override(backend="torch"), augment=identity).any()
 
 
 def test_scan_batch_looks_at_every_draw():
@@ -78,8 +78,8 @@ def test_scan_batch_looks_at_every_draw():
 
     for views, expected in ((1, False), (2, True)):
         calls.clear()
-        cfg = PCRConfig(gate_threshold=0.5 * float(changed.min()), gate_confidence=1e9,
-                        scan_original_confidence=1e9, gate_views=views, backend="torch")
+        cfg = PCRConfig().override(invariance_threshold=0.5 * float(changed.min()), view_confidence=1e9,
+                        original_confidence=1e9, views=views, backend="torch")
         mem = BackdoorMemory(3, vocab_of(model))
         mem.begin_scan()
         flags = scan_batch(model, batch, mem, config=cfg, augment=scramble_then_identity)
@@ -93,8 +93,8 @@ def test_scan_dataset_restores_train_mode_and_counts_every_sample():
     batches = [collate(samples[:3]), collate(samples[3:])]
     mem = BackdoorMemory(5, vocab_of(model), min_support=1, target_share=1.0)
     summary = scan_dataset(model, batches, mem, augment=identity, progress=True,
-                           config=PCRConfig(gate_threshold=1e-3, gate_confidence=1e9, scan_original_confidence=1e9,
-                                            backend="torch", gate_views=1))
+                           config=PCRConfig().override(invariance_threshold=1e-3, view_confidence=1e9, original_confidence=1e9,
+                                            backend="torch", views=1))
     assert model.training
     assert summary["scans"] == 1 and summary["flagged"] == 5
     # every labelled token of a fully flagged set is a target token
@@ -132,7 +132,7 @@ def test_compute_pcr_loss_with_memory_matches_the_naive_objective(family):
     target = labels[2][labels[2] != -100][0]
     mem.targets.zero_()
     mem.targets[target] = True
-    cfg = PCRConfig(backend="torch", unlearn_weight=2.5)
+    cfg = PCRConfig().override(backend="torch", unlearn_weight=2.5)
     out = compute_pcr_loss(model, batch, config=cfg, memory=mem)
     params = [p for p in model.parameters() if p.requires_grad]
     got = torch.autograd.grad(out.loss, params, allow_unused=True)
@@ -171,8 +171,8 @@ def test_pcr_trainer_scan_mode_scans_on_schedule_then_unlearns(tmp_path):
     samples = with_ids(sample_batches(make_batch, 8))
     # loose detector (identity view, no confidence check): every sample is flagged at the
     # first scan, so training after it runs the unlearning objective
-    cfg = PCRConfig(backend="torch", scan_at=(0.5,), gate_threshold=1e-3, gate_confidence=1e9,
-                    scan_original_confidence=1e9, gate_views=1, min_support=1)
+    cfg = PCRConfig().override(backend="torch", scan_at=(0.5,), invariance_threshold=1e-3, view_confidence=1e9,
+                    original_confidence=1e9, views=1, min_support=1)
     trainer = PCRTrainer(model=model, args=training_args(tmp_path), train_dataset=samples, data_collator=collate,
                          pcr=cfg, pcr_augment=identity)
     calls = []
@@ -198,6 +198,6 @@ def test_pcr_trainer_scan_mode_refuses_an_online_loss_and_missing_ids(tmp_path):
                    data_collator=collate, pcr=PCRConfig(), pcr_loss=TwoViewLoss())
     trainer = PCRTrainer(model=model, args=training_args(tmp_path, max_steps=2),
                          train_dataset=sample_batches(make_batch, 4), data_collator=collate,
-                         pcr=PCRConfig(backend="torch", scan_at=(0.0,)), pcr_augment=identity)
+                         pcr=PCRConfig().override(backend="torch", scan_at=(0.0,)), pcr_augment=identity)
     with pytest.raises(ValueError, match="sample_ids"):
         trainer.train()

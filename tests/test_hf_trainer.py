@@ -23,7 +23,7 @@ def training_args(tmp_path, **overrides):
     return transformers.TrainingArguments(**kwargs)
 
 
-PCR = PCRConfig(mode="online", backend="torch", entropy_weight=0.1, divergence_weight=0.5, gate_weight=0.0,
+PCR = PCRConfig().override(mode="online", backend="torch", entropy_weight=0.1, divergence_weight=0.5, gate_weight=0.0,
                 shuffle=True, mask_ratio=0.25, unit="token")  # the literal objective
 
 
@@ -32,7 +32,7 @@ def test_plain_loop_loss_goes_down():
     model.train()
     batch = collate(sample_batches(make_batch, 4, seed=1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    loss_fn = TwoViewLoss(**PCR.loss_kwargs())
+    loss_fn = TwoViewLoss.from_config(PCR)
     losses = []
     for _ in range(12):
         out = compute_pcr_loss(model, batch, augment=flip, loss_fn=loss_fn)
@@ -44,10 +44,10 @@ def test_plain_loop_loss_goes_down():
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
-@pytest.mark.parametrize("detach", [False, True], ids=["both_views", "detach_augmented"])
+@pytest.mark.parametrize("detach", [False, True], ids=["both_views", "detach_b"])
 def test_pcr_trainer_trains_and_logs_terms(tmp_path, detach):
     model, make_batch = build_tiny_model("qwen2_vl")
-    pcr = PCRConfig(**{**PCR.to_dict(), "detach_augmented": detach})
+    pcr = PCR.override(detach_b=detach)
     trainer = PCRTrainer(model=model, args=training_args(tmp_path), train_dataset=sample_batches(make_batch, 8),
                          data_collator=collate, pcr=pcr, pcr_augment=flip)
     trainer.train()

@@ -150,7 +150,7 @@ def test_functional_form_and_3d_inputs():
 
 def test_detach_view_b_sends_no_gradient_to_h_b():
     pr = make_problem(10, 16, 100)
-    out = TwoViewLoss(detach_view_b=True, backend="triton")(pr.h_a, pr.h_b, pr.weight, pr.labels)
+    out = TwoViewLoss(detach_b=True, backend="triton")(pr.h_a, pr.h_b, pr.weight, pr.labels)
     g = torch.autograd.grad(out.loss, [pr.h_a, pr.h_b], allow_unused=True)
     assert g[0] is not None and g[1] is None
 
@@ -250,7 +250,7 @@ def test_cross_view_gate_matches_float64_and_flags_invariant_confident_rows(back
 
     prob = Problem(h_a.requires_grad_(), h_b.requires_grad_(), w.requires_grad_(), None, labels)
     loss_fn = TwoViewLoss(backend=backend, divergence_weight=0.0, gate_weight=0.7,
-                          gate_threshold=0.03, gate_confidence=5.0)
+                          invariance_threshold=0.03, view_confidence=5.0)
     out = loss_fn(prob.h_a.view(b, t, d), prob.h_b.view(b, t, d), prob.weight, labels.view(b, t))
     truth, flags, p64 = _gate_truth(prob, b, t, 0.7, 0.03, 5.0)
     assert flags[:2] == [True, True] and flags[3] is False

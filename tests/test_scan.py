@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pcr_fast import BackdoorMemory, cross_view_flags, unlearning_loss
-from pcr_fast.scan import unlikelihood_from_ce
+from pcr_fast.loss import unlikelihood_from_ce
 
 BACKENDS = ["torch", "reference", pytest.param("triton", marks=pytest.mark.slow)]
 
@@ -74,6 +74,7 @@ def test_cross_view_flags_is_an_any_over_draws_and_needs_a_sure_original():
     assert torch.equal(cross_view_flags(h_a, same, weight, labels, **kw), labelled)
     assert not cross_view_flags(h_a, unrelated, weight, labels, **kw).any()
     assert torch.equal(cross_view_flags(h_a, unrelated + same, weight, labels, **kw), labelled)
+    assert torch.equal(cross_view_flags(h_a, same + unrelated, weight, labels, **kw), labelled)  # first draw flags
     # a model unsure of its own answer is never flagged, however invariant
     unsure = labels.clone()
     unsure[unsure != -100] = (unsure[unsure != -100] + 1) % weight.shape[0]  # not the argmax
@@ -91,7 +92,7 @@ def test_cross_view_flags_bad_arguments():
         cross_view_flags(h_a, views, weight, labels.reshape(-1))
     with pytest.raises(ValueError, match="h_a must be \\(B, T, D\\)"):
         cross_view_flags(h_a[:, :-1], views, weight, labels)
-    with pytest.raises(ValueError, match="original_confidence must be > 0"):
+    with pytest.raises(ValueError, match="original_confidence must be in"):
         cross_view_flags(h_a, views, weight, labels, original_confidence=0.0)
 
 

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ..backends import OPS, select_backend
+from ..config import AugmentConfig
 from ..backends import pytorch as torch_backend
 from .draws import draw, masked_bound
 from .families import model_unit
@@ -90,9 +91,9 @@ def patch_augment(
     pixel_values: Tensor,
     *,
     patch_size: int,
-    shuffle: bool = True,
-    mask_ratio: float = 0.25,
-    fill: FillSpec = "mean",
+    shuffle: bool = AugmentConfig.shuffle,
+    mask_ratio: float = AugmentConfig.mask_ratio,
+    fill: FillSpec = AugmentConfig.fill,
     merge_size: int = 1,
     image_grid_thw: Optional[Tensor] = None,
     tile_mask: Optional[Tensor] = None,
@@ -183,13 +184,17 @@ def patch_augment(
 class PatchAugment:
     """Callable patch shuffle/mask for PCR's augmented view (see :func:`patch_augment`).
 
+    Defaults are the defense's measured view (:class:`~pcr_fast.config.AugmentConfig`): no
+    shuffle, half of the units masked with the image's mean.
+
     ``seed`` seeds a private generator (one per device) that advances with every call, so
     a training run is reproducible and successive batches still get fresh draws; a
     ``generator`` passed to a call takes precedence.
     """
 
-    def __init__(self, patch_size: int, shuffle: bool = True, mask_ratio: float = 0.25,
-                 fill: FillSpec = "mean", seed: Optional[int] = None, *, merge_size: int = 1,
+    def __init__(self, patch_size: int, shuffle: bool = AugmentConfig.shuffle,
+                 mask_ratio: float = AugmentConfig.mask_ratio, fill: FillSpec = AugmentConfig.fill,
+                 seed: Optional[int] = None, *, merge_size: int = 1,
                  channels: Optional[int] = None, allow_remainder: bool = False,
                  skip_zero_tiles: bool = True, backend: str = "auto"):
         self.patch_size = check_int("patch_size", patch_size)
@@ -219,6 +224,32 @@ class PatchAugment:
         geometry = model_unit(model_or_config, unit)
         geometry.update(kwargs)
         return cls(**geometry)
+
+    @classmethod
+    def from_config(cls, config: AugmentConfig, model_or_config: Any = None, *,
+                    seed: Optional[int] = None) -> "PatchAugment":
+        """The augmentation an :class:`~pcr_fast.config.AugmentConfig` describes.
+
+        With ``config.patch_size=None`` the unit is read from the model (``config.unit``);
+        ``half_token`` falls back to ``token`` where a model's unit cannot be halved.
+        ``seed`` overrides ``config.augment_seed`` (e.g. a run's seed).
+        """
+        if not isinstance(config, AugmentConfig):
+            raise ValueError(f"config must be an AugmentConfig, got {type(config).__name__}")
+        kw = dict(shuffle=config.shuffle, mask_ratio=config.mask_ratio, fill=config.fill,
+                  seed=config.augment_seed if seed is None else seed)
+        if config.patch_size is not None:
+            return cls(patch_size=config.patch_size, **kw)
+        if model_or_config is None:
+            raise ValueError("patch_size is None: pass the model (or its config) so the "
+                             "visual-token unit can be read from it")
+        try:
+            return cls.for_model(model_or_config, unit=config.unit, **kw)
+        except ValueError as err:
+            if config.unit != "half_token":
+                raise
+            logger.warning("%s; falling back to unit='token'", err)
+            return cls.for_model(model_or_config, unit="token", **kw)
 
     def _generator(self, device: torch.device) -> Optional[torch.Generator]:
         if self.seed is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..config import UNITS
+
 _NO_MERGE = ("llava", "llava_next", "llava_onevision", "paligemma", "mllama", "clip",
              "siglip", "clip_vision_model", "siglip_vision_model")
 _QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
@@ -24,11 +26,11 @@ def model_unit(model_or_config: Any, unit: str = "token") -> dict:
     encoder's merge/pool/pixel-shuffle factor applied); ``unit="patch"`` one encoder patch;
     ``unit="half_token"`` half a visual token per side (merge/2 patches where the model
     merges an even number, else half an encoder patch) — PCR's default: masking sub-token
-    units hides part of every token's content without erasing whole tokens (see README,
-    "Does the defense work?").
+    units hides part of every token's content without erasing whole tokens
+    (benchmarks/EVAL_NOTES.md §8).
     """
-    if unit not in ("token", "patch", "half_token"):
-        raise ValueError(f"unit must be 'token', 'patch' or 'half_token', got {unit!r}")
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     if model_type is None:

@@ -1,6 +1,7 @@
-"""The PCR configuration the demo uses, chosen by the experiments in benchmarks/EVAL_NOTES.md.
+"""The PCR configuration the demo uses (the library default), chosen by the experiments in
+benchmarks/EVAL_NOTES.md.
 
-Scan-and-unlearn (``mode="scan"``, :mod:`pcr_fast.scan`), the library's default:
+Scan-and-unlearn (``mode="scan"``, :mod:`pcr_fast.defense`), the library's default:
 
 - Plain SFT until the first scan; scans of the whole training set at 40, 50, 60 and 70 %
   of the steps (the backdoor must be learned before it can be seen; a trigger learned
@@ -12,22 +13,13 @@ Scan-and-unlearn (``mode="scan"``, :mod:`pcr_fast.scan`), the library's default:
   a masked draw still predicts it (CE < 3 nats) and the two views agree (symmetric KL <
   0.1 nats on every token). Flagged samples leave the CE; a token whose training samples
   are ≥ 60 % flagged is the target and gets unlikelihood (λ = 1).
-- The earlier per-batch gate (``mode="online"``) remains available; it is what the first
-  table of the notes measured.
+- The per-batch objectives (``mode="online"``: the literal pull-apart, or the cross-view
+  gate ``ObjectiveConfig.cross_view_gate()``) remain available; the gate is what the first
+  tables of the notes measured (with ``detach_b=True`` and ``warmup=0.4`` from scratch).
 """
 from __future__ import annotations
 
-from pcr_fast.config import PCRConfig
+from ..config import PCRConfig
 
-DEMO_PCR_CONFIG = PCRConfig(
-    mode="scan", patch_size=4, shuffle=False, mask_ratio=0.5, fill="mean",
-    gate_threshold=0.1, gate_confidence=3.0, gate_views=3,
-    scan_at=(0.4, 0.5, 0.6, 0.7), scan_original_confidence=0.3,
-    target_share=0.6, min_support=8, unlearn_weight=1.0,
-    divergence_weight=0.0, entropy_weight=0.0,
-    gate_weight=19.0, gate_max_fraction=0.15, detach_augmented=True,
-)
-
-# mode="online" only: fraction of the steps trained with plain CE before the per-batch
-# objective switches on (see run_experiment). Scan mode trains plain SFT until its first scan.
-DEMO_PCR_WARMUP = 0.4
+#: the library's defaults (``PCRConfig()``), named for the demo
+DEMO_PCR_CONFIG = PCRConfig()

@@ -7,13 +7,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from ..config import PCRConfig
+from ..defense import BackdoorMemory, ScanSchedule
 from ..hf.counting import count_compute
+from ..loss import TwoViewLoss
 from .data import (CAPTION_PROMPT, INSTRUCTIONS, QUESTION_PROMPT, DigitImages, load_digits_images,
                    make_instruction_samples, make_samples, pretrain_finetune_split, task_words, train_test_split)
 from .metrics import attack_success_rate, corpus_bleu, exact_match, false_trigger_rate
@@ -172,8 +175,7 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
                    lr: Optional[float] = None, target: str = DEFAULT_TARGET, test_size: int = 300,
                    pretrain_images: int = PRETRAIN_IMAGES, pretrain: Optional[PretrainRecipe] = None,
                    image_size: int = 32, patch_size: int = 8, hidden_size: int = 64, num_layers: int = 2,
-                   device=None, progress: Union[bool, Callable[[int], None]] = True,
-                   pcr_warmup: Optional[float] = None) -> Dict:
+                   device=None, progress: Union[bool, Callable[[int], None]] = True) -> Dict:
     """Fine-tune a tiny VLM on poisoned digits data (plain SFT or PCR) and evaluate it.
 
     Args:
@@ -194,11 +196,11 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
             and the batches.
         model: model family (``"llava"`` or ``"qwen2_vl"``).
         pcr: a :class:`pcr_fast.PCRConfig` (``None``: :data:`pcr_fast.eval.defaults.DEMO_PCR_CONFIG`).
+            Its :class:`~pcr_fast.ScanSchedule` decides when the defense acts: mode "scan"
+            trains plain SFT until its first scan (``schedule.scan_at``); mode "online" after
+            ``schedule.warmup`` of the steps (from scratch the model must first answer from
+            the image content, as a pretrained model already does).
         pretrain: the pre-training recipe (pretrained setting; default :class:`PretrainRecipe`).
-        pcr_warmup: ``mode="online"`` only: fraction of the steps trained with plain CE before
-            the per-batch loss switches on (``None``: :data:`pcr_fast.eval.defaults.DEMO_PCR_WARMUP`
-            from scratch, 0 when pretrained). ``mode="scan"`` trains plain SFT until its first
-            scan (``pcr.scan_at``) and ignores it.
         progress: show a tqdm bar (True), nothing (False), or call ``progress(n)`` with the
             number of steps just done (e.g. to feed a bar in another process).
     Returns:
@@ -228,17 +230,12 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
         raise ValueError(f"lr must be > 0, got {lr!r}")
     if defense == "pcr" and pcr is None:
         pcr = default_pcr_config()
-    if pcr_warmup is None:
-        from .defaults import DEMO_PCR_WARMUP
-
-        pcr_warmup = DEMO_PCR_WARMUP if (defense == "pcr" and init == "scratch") else 0.0
-    if not 0.0 <= float(pcr_warmup) < 1.0:
-        raise ValueError(f"pcr_warmup must be a fraction in [0, 1), got {pcr_warmup!r}")
+    if pcr is not None and not isinstance(pcr, PCRConfig):
+        raise ValueError(f"pcr must be a PCRConfig or None, got {type(pcr).__name__}")
     exp = prepare_experiment(attack, poison_ratio, seed, model, init=init, target=target, test_size=test_size,
                              pretrain_images=pretrain_images, image_size=image_size, patch_size=patch_size,
                              hidden_size=hidden_size, num_layers=num_layers)
     steps = training_steps(exp.num_samples, batch_size, epochs, steps)
-    warmup_steps = int(round(float(pcr_warmup) * steps))
     dev = _pick_device(device)
 
     # ---- model + optimiser ------------------------------------------------------------------
@@ -247,19 +244,20 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps))
 
-    augment = loss_fn = compute_loss = memory = None
-    scan_steps: frozenset = frozenset()
+    augment = loss_fn = compute_loss = memory = schedule = None
     if defense == "pcr":
-        from pcr_fast.hf import compute_pcr_loss as compute_loss  # the public hook (heavy import)
+        from ..augment import PatchAugment
+        from ..hf import compute_pcr_loss as compute_loss  # the public hook (heavy import)
+
         # seeded by the run's seed unless the config fixes one: runs are reproducible
         # (patch_size=None: the model's visual-token unit, read from the model)
-        augment = replace(pcr, seed=seed if pcr.seed is None else pcr.seed).make_augment(net)
+        augment = PatchAugment.from_config(pcr.augment, net, seed=seed if pcr.augment.augment_seed is None else None)
+        schedule = ScanSchedule.for_run(pcr, steps)
         if pcr.mode == "scan":
-            memory = pcr.make_memory(exp.num_samples, net.get_output_embeddings().weight.shape[0], device=dev)
-            scan_steps = frozenset(pcr.scan_steps(steps))
-            warmup_steps = 0  # plain SFT until the first scan: the scan schedule is the warm-up
+            memory = BackdoorMemory.from_config(pcr.unlearn, exp.num_samples,
+                                                net.get_output_embeddings().weight.shape[0], device=dev)
         else:
-            loss_fn = pcr.make_loss()
+            loss_fn = TwoViewLoss.from_config(pcr)
 
     gen = torch.Generator().manual_seed(int(seed) + 1)
     order = torch.randperm(exp.num_samples, generator=gen)
@@ -269,7 +267,7 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
     bar = _progress(steps, f"{attack_name(attack)}/{defense}", progress)
     with count_compute(net) as counter:
         for step in range(steps):
-            if step in scan_steps:
+            if schedule is not None and schedule.scans_before(step):
                 scans.append(_scan(net, exp.batch, exp.num_samples, memory, pcr, augment, exp.poisoned, step,
                                    exp.tokenizer))
             if cursor + batch_size > len(order):
@@ -277,14 +275,13 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
             idx = order[cursor:cursor + batch_size].tolist()
             cursor += batch_size
             inputs = {k: v.to(dev) for k, v in exp.batch(idx).items()}
-            if defense == "none" or step < warmup_steps or (memory is not None and not memory.active):
+            if defense == "none" or schedule.trains_plain(step, memory is not None and memory.active):
                 loss = net(**inputs).loss
             elif memory is not None:
                 inputs["sample_ids"] = torch.tensor(idx, device=dev)
                 loss = compute_loss(net, inputs, config=pcr, memory=memory).loss
             else:
-                loss = compute_loss(net, inputs, augment=augment, loss_fn=loss_fn,
-                                    detach_augmented=pcr.detach_augmented, gate_views=pcr.gate_views).loss
+                loss = compute_loss(net, inputs, config=pcr, augment=augment, loss_fn=loss_fn).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -312,7 +309,6 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
                   epochs=round(steps * batch_size / exp.num_samples, 4), steps=steps,
                   batch_size=batch_size, lr=lr, model=model, target=target,
                   compute=counter.as_dict(),
-                  pcr_warmup=float(pcr_warmup) if (defense == "pcr" and memory is None) else None,
                   train_seconds=round(train_seconds, 2), eval_seconds=round(time.perf_counter() - t1, 2),
                   loss_history=history, device=str(dev),
                   pcr=(pcr.to_dict() if (defense == "pcr" and hasattr(pcr, "to_dict")) else None),
@@ -327,7 +323,7 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
 def _scan(net, batch_of: Callable, num_samples: int, memory, pcr, augment, poisoned, step: int, tokenizer,
           batch_size: int = 256) -> Dict:
     """One PCR scan of the whole (poisoned) training set; returns what it flagged."""
-    from pcr_fast.hf import scan_dataset
+    from ..hf import scan_dataset
 
     def batches():
         for s in range(0, num_samples, batch_size):

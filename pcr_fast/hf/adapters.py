@@ -56,7 +56,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _config_of(model: nn.Module):
+def model_config(model: nn.Module):
+    """The HF config of a (unwrapped) model, or a ValueError saying a PreTrainedModel is needed."""
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(f"model ({type(model).__name__}) has no .config: pcr_fast needs a Hugging Face "
@@ -97,7 +98,7 @@ def softcap_candidates(model: nn.Module) -> Tuple[Optional[float], ...]:
     ``final_logit_softcapping`` (PaliGemma does, Gemma 3 does not in transformers 5.x), so
     :func:`verify_logits` settles it on the first batch. Other logit transforms raise.
     """
-    config = _config_of(unwrap_model(model))
+    config = model_config(unwrap_model(model))
     text = _text_config(config)
     for cfg in (config, text):
         for name in _UNSUPPORTED_LOGIT_TRANSFORMS:

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import copy
 import logging
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..augment import PatchAugment
 from ..config import PCRConfig
+from ..defense import BackdoorMemory, unlearning_loss
 from ..loss import TwoViewLoss, TwoViewLossOutput
-from ..scan import BackdoorMemory, unlearning_loss
 from . import adapters
+from .batch import batch_sample_ids, cached_augment, check_batch, shifted_targets, shifted_token_mask
 
 logger = logging.getLogger(__name__)
 
@@ -46,86 +47,45 @@ class PCRLossOutput:
         return {f"{prefix}{k}": getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
-def _shifted(hidden: Tensor, labels: Tensor, shift_labels: Optional[Tensor]):
-    """Causal shift: position t predicts token t+1 (or use collator-provided ``shift_labels``)."""
-    if shift_labels is not None:
-        return hidden, shift_labels
-    return hidden[:, :-1, :], labels[:, 1:]
-
-
-_AUGMENTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _cached_augment(model: nn.Module, cfg: PCRConfig) -> Callable:
-    """``cfg.make_augment(model)``, built once per (model, augmentation settings).
-
-    Why: a seeded PatchAugment advances its generator with every call; rebuilding it per
-    batch would give every batch the same permutation and mask.
-    """
-    inner = adapters.unwrap_model(model)
-    key = (cfg.patch_size, cfg.unit, cfg.shuffle, cfg.mask_ratio, cfg.fill, cfg.seed)
-    cached = _AUGMENTS.get(inner)
-    if cached is None or cached[0] != key:
-        cached = (key, cfg.make_augment(inner))
-        _AUGMENTS[inner] = cached
-    return cached[1]
-
-
-def _resolve_augment(model: nn.Module, augment: Optional[Callable], cfg: PCRConfig,
-                     detach_augmented: Optional[bool], needs_augment: bool):
-    detach = cfg.detach_augmented if detach_augmented is None else bool(detach_augmented)
-    if augment is None and needs_augment:
-        augment = _cached_augment(model, cfg)
-    if augment is not None and not callable(augment):
-        raise ValueError(f"augment must be callable (pixel_values -> pixel_values), got {type(augment).__name__}")
-    return augment, detach
-
-
-def _resolve_loss(loss_fn: Optional[Callable], cfg: PCRConfig, detach: bool,
-                  softcap: Optional[float]):
+def _resolve_loss(loss_fn: Optional[Callable], cfg: PCRConfig, softcap: Optional[float]):
     if loss_fn is None:
-        kwargs = cfg.loss_kwargs()
-        kwargs["detach_view_b"] = detach
-        if softcap is not None:
-            kwargs["softcap"] = softcap
-        return TwoViewLoss(**kwargs)
+        return TwoViewLoss.from_config(cfg, softcap=softcap)
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable (a TwoViewLoss), got {type(loss_fn).__name__}")
     if isinstance(loss_fn, TwoViewLoss):
         if loss_fn.softcap != softcap:
             raise ValueError(f"the model soft-caps its logits at {softcap} but loss_fn.softcap="
                              f"{loss_fn.softcap}: build the loss with TwoViewLoss(..., softcap={softcap})")
-        if detach and not loss_fn.detach_view_b:
+        if cfg.execution.detach_b and not loss_fn.detach_b:
             # the augmented view is a constant target: no gradient into W through it either
             loss_fn = copy.copy(loss_fn)
-            loss_fn.detach_view_b = True
+            loss_fn.detach_b = True
     return loss_fn
 
 
-def _extra_gate_views(model, head, model_inputs, pixels_a, augment, generator, loss_fn, gate_views,
-                      shape, labels, shift_labels):
+def _extra_views(model, head, model_inputs, pixels_a, augment, generator, loss_fn, views: int,
+                 shape, inputs) -> list:
     """Hidden states of further augmented draws for the gate's detector (no grad)."""
-    if gate_views <= 1 or getattr(loss_fn, "gate_weight", 0.0) == 0.0:
+    gate_weight = loss_fn.objective.gate_weight if isinstance(loss_fn, TwoViewLoss) else 0.0
+    if views <= 1 or gate_weight == 0.0:
         return []
     if augment is None:
-        raise ValueError("gate_views > 1 needs an augment callable (a precomputed "
+        raise ValueError("views > 1 needs an augment callable (a precomputed "
                          "'augmented_pixel_values' gives only one draw)")
-    views = []
+    out = []
     with torch.no_grad():
-        for _ in range(gate_views - 1):
+        for _ in range(views - 1):
             inputs_k = dict(model_inputs)
             inputs_k[adapters.PIXEL_KEY] = adapters.call_augment(augment, pixels_a, model_inputs, generator)
             h_k, _ = adapters.forward_hidden(model, head, inputs_k, shape)
-            views.append(_shifted(h_k, labels, shift_labels)[0])
-    return views
+            out.append(shifted_targets(h_k, inputs)[0])
+    return out
 
 
 def _unlearning_step(model, inputs, head, verified, softcap, cfg, memory, num_items_in_batch) -> PCRLossOutput:
     """Scan-and-unlearn training step: one forward of the original view."""
-    from .scan import batch_sample_ids, shifted_targets
-
     if not isinstance(memory, BackdoorMemory):
-        raise ValueError(f"memory must be a BackdoorMemory (PCRConfig.make_memory), got {type(memory).__name__}")
+        raise ValueError(f"memory must be a BackdoorMemory (BackdoorMemory.from_config), got {type(memory).__name__}")
     ids = batch_sample_ids(inputs)
     model_inputs = adapters.model_inputs_of(inputs)
     h_a, weight = adapters.forward_hidden(model, head, model_inputs, tuple(inputs["input_ids"].shape[:2]),
@@ -136,26 +96,25 @@ def _unlearning_step(model, inputs, head, verified, softcap, cfg, memory, num_it
     drop, unlearn = memory.treatment(ids, targets)
     with adapters.gathered_weight(weight):
         out = unlearning_loss(h_a, weight, targets, drop, unlearn, bias=getattr(head, "bias", None),
-                              num_items_in_batch=num_items_in_batch, unlearn_weight=cfg.unlearn_weight,
-                              softcap=softcap, backend=cfg.backend)
+                              num_items_in_batch=num_items_in_batch, unlearn_weight=cfg.unlearn.unlearn_weight,
+                              softcap=softcap, backend=cfg.execution.backend)
     return PCRLossOutput(loss=out.loss, ce=out.ce, divergence=None, divergence_term=None, entropy=None,
                          num_tokens=out.num_tokens, one_forward=True, unlikelihood=out.unlikelihood,
                          dropped_fraction=out.dropped_fraction)
 
 
-def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optional[Callable] = None,
-                     loss_fn: Optional[Callable] = None, config: Optional[PCRConfig] = None,
-                     detach_augmented: Optional[bool] = None, num_items_in_batch=None,
+def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], *, config: Optional[PCRConfig] = None,
+                     augment: Optional[Callable] = None, loss_fn: Optional[Callable] = None,
+                     memory: Optional[BackdoorMemory] = None, num_items_in_batch=None,
                      generator: Optional[torch.Generator] = None,
-                     one_forward: Optional[bool] = None,
-                     gate_views: Optional[int] = None,
-                     memory: Optional[BackdoorMemory] = None) -> PCRLossOutput:
+                     one_forward: Optional[bool] = None) -> PCRLossOutput:
     """The PCR loss of one batch, for plain loops, accelerate and the Trainer.
 
-    With ``memory`` (scan-and-unlearn, ``PCRConfig(mode="scan")``, see :mod:`pcr_fast.scan`):
-    one forward of the original view; responses the scans flagged are dropped from the CE
-    and target tokens get unlikelihood (needs ``inputs['sample_ids']``). Without it: the
-    per-batch two-view objective of ``loss_fn`` (``mode="online"``).
+    ``mode="scan"`` (needs ``memory``, the :class:`~pcr_fast.BackdoorMemory` that
+    :func:`pcr_fast.hf.scan_dataset` fills): one forward of the original view; responses
+    the scans flagged are dropped from the CE and target tokens get unlikelihood (needs
+    ``inputs['sample_ids']``). ``mode="online"``: the per-batch two-view objective of
+    ``loss_fn``. Without ``config`` the mode follows ``memory`` (given: scan; not: online).
 
     Args:
         model: a HF vision-language ``*ForConditionalGeneration`` model, possibly wrapped by
@@ -164,42 +123,37 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optio
             (unshifted, HF convention; or ``shift_labels``), ``pixel_values`` and the family's
             extras (``image_grid_thw``, ``image_sizes``, ``pixel_attention_mask`` …). An
             ``augmented_pixel_values`` entry, if present, is used as the augmented view as is.
+        config: :class:`~pcr_fast.PCRConfig` (augmentation, objective, ``detach_b``,
+            ``views`` — the gate's augmented draws, each after the first one no-grad forward).
         augment: ``pixel_values -> pixel_values`` of the same shape (called with
             ``image_grid_thw=`` and ``generator=`` when those exist). Default:
-            ``config.make_augment(model)``.
-        loss_fn: a :class:`~pcr_fast.TwoViewLoss`. Default: ``config.make_loss()``.
-        config: :class:`~pcr_fast.PCRConfig` for the defaults above.
-        detach_augmented: run the augmented view forward-only under ``no_grad`` (the
-            divergence/entropy gradients then flow through the original view only; ≈ 1/3
-            less compute). Default: ``config.detach_augmented`` (False: train both views).
+            ``PatchAugment.from_config(config.augment, model)``.
+        loss_fn: a :class:`~pcr_fast.TwoViewLoss`. Default: ``TwoViewLoss.from_config(config)``.
+        memory: the scans' :class:`~pcr_fast.BackdoorMemory` (mode "scan").
         num_items_in_batch: labelled tokens over all gradient-accumulation micro-batches (and
             devices), the HF Trainer convention; the loss is then ``sum / num_items_in_batch``.
         generator: RNG for the augmentation.
         one_forward: force (True) or forbid (False) the single batched forward of both views;
-            default: batched whenever every input can be concatenated along the batch.
-        gate_views: augmented draws the cross-view gate looks at (default
-            ``config.gate_views``); each draw after the first costs one no-grad forward.
-        memory: the :class:`~pcr_fast.scan.BackdoorMemory` filled by
-            :func:`pcr_fast.hf.scan_dataset` (scan-and-unlearn mode).
+            default: batched whenever every input can be concatenated along the batch and
+            view b is trained (``detach_b=False``).
     Returns:
         :class:`PCRLossOutput` (``.loss`` to backpropagate, detached per-term values).
     """
-    if not isinstance(inputs, Mapping):
-        raise ValueError(f"inputs must be the batch dict (a Mapping), got {type(inputs).__name__}")
-    for key in ("input_ids", "pixel_values"):
-        if not isinstance(inputs.get(key), Tensor):
-            raise ValueError(f"inputs[{key!r}] must be a tensor (the processor's output); keys: {sorted(inputs)}")
-    labels = inputs.get("labels")
-    shift_labels = inputs.get("shift_labels")
-    if not isinstance(labels, Tensor) and not isinstance(shift_labels, Tensor):
-        raise ValueError("inputs must contain 'labels' (B, T) (or 'shift_labels'): the PCR loss needs targets")
+    check_batch(inputs)
     if config is not None and not isinstance(config, PCRConfig):
         raise ValueError(f"config must be a PCRConfig or None, got {type(config).__name__}")
-    cfg = config or PCRConfig()
+    if config is None:
+        cfg = PCRConfig(mode="scan" if memory is not None else "online")
+    else:
+        cfg = config
+    if cfg.mode == "scan" and memory is None:
+        raise ValueError("config.mode='scan' needs memory= (the BackdoorMemory that scan_dataset fills, "
+                         "e.g. PCRTrainer.pcr_memory); for the per-batch objective use PCRConfig(mode='online')")
+    if cfg.mode == "online" and memory is not None:
+        raise ValueError("memory= is for config.mode='scan'; got config.mode='online'")
     if num_items_in_batch is None and "num_items_in_batch" in inputs:
         num_items_in_batch = inputs["num_items_in_batch"]
-    config_obj = adapters._config_of(adapters.unwrap_model(model))
-    if getattr(config_obj, "is_encoder_decoder", False):
+    if getattr(adapters.model_config(adapters.unwrap_model(model)), "is_encoder_decoder", False):
         raise ValueError("encoder-decoder models are not supported: pcr_fast hooks a decoder-only LM head")
 
     adapters.check_gradient_checkpointing(model)
@@ -208,12 +162,12 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optio
     if memory is not None:
         return _unlearning_step(model, inputs, head, verified, softcap, cfg, memory, num_items_in_batch)
     precomputed = inputs.get(adapters.AUGMENTED_KEY)
-    augment, detach = _resolve_augment(model, augment, cfg, detach_augmented,
-                                       needs_augment=precomputed is None)
+    detach = cfg.execution.detach_b
+    if augment is None and precomputed is None:
+        augment = cached_augment(model, cfg.augment)
+    if augment is not None and not callable(augment):
+        raise ValueError(f"augment must be callable (pixel_values -> pixel_values), got {type(augment).__name__}")
 
-    gate_views = cfg.gate_views if gate_views is None else int(gate_views)
-    if gate_views < 1:
-        raise ValueError(f"gate_views must be >= 1, got {gate_views!r}")
     model_inputs = adapters.model_inputs_of(inputs)
     pixels_a: Tensor = model_inputs[adapters.PIXEL_KEY]
     with torch.no_grad():
@@ -224,11 +178,8 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optio
             pixels_b = precomputed.to(pixels_a.dtype)
         else:
             pixels_b = adapters.call_augment(augment, pixels_a, model_inputs, generator)
-        from ..augment import PatchAugment
-
         if not isinstance(augment, PatchAugment):  # PatchAugment keeps padding tiles itself
             pixels_b = adapters.keep_padding_images(pixels_a, pixels_b)
-
     batch, length = inputs["input_ids"].shape[:2]
     ok, why = adapters.can_concatenate(model_inputs)
     if one_forward is None:
@@ -238,7 +189,7 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optio
     elif one_forward and not ok:
         raise ValueError(f"one_forward=True but the views cannot share a forward: {why}")
     elif one_forward and detach:
-        raise ValueError("one_forward=True is incompatible with detach_augmented=True "
+        raise ValueError("one_forward=True is incompatible with detach_b=True "
                          "(the augmented view runs in its own no_grad forward)")
 
     if one_forward:
@@ -256,16 +207,13 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], augment: Optio
         h_a, weight = adapters.forward_hidden(model, head, model_inputs, (batch, length), verify=not verified)
     if not verified:
         softcap = adapters.verified_softcap(model)[1]
-    loss_fn = _resolve_loss(loss_fn, cfg, detach, softcap)
+    loss_fn = _resolve_loss(loss_fn, cfg, softcap)
 
-    h_a, targets = _shifted(h_a, labels, shift_labels)
-    h_b, _ = _shifted(h_b, labels, shift_labels)
-    extra_views = _extra_gate_views(model, head, model_inputs, pixels_a, augment, generator, loss_fn,
-                                    gate_views, (batch, length), labels, shift_labels)
-    token_mask = None
-    attention_mask = inputs.get("attention_mask")
-    if isinstance(attention_mask, Tensor) and attention_mask.shape == inputs["input_ids"].shape:
-        token_mask = (attention_mask[:, 1:] if shift_labels is None else attention_mask).to(torch.bool)
+    h_a, targets = shifted_targets(h_a, inputs)
+    h_b, _ = shifted_targets(h_b, inputs)
+    extra_views = _extra_views(model, head, model_inputs, pixels_a, augment, generator, loss_fn,
+                               cfg.augment.views, (batch, length), inputs)
+    token_mask = shifted_token_mask(inputs)
     bias = getattr(head, "bias", None)
     with adapters.gathered_weight(weight):
         kwargs = {"extra_views": extra_views} if extra_views else {}

@@ -1,6 +1,6 @@
-"""The scan of scan-and-unlearn PCR for any HF vision-language model (see :mod:`pcr_fast.scan`).
+"""The scan of scan-and-unlearn PCR for any HF vision-language model (see :mod:`pcr_fast.defense`).
 
-    memory = config.make_memory(len(train_set), model.get_output_embeddings().weight.shape[0])
+    memory = BackdoorMemory.from_config(config.unlearn, len(train_set), model.get_output_embeddings().weight.shape[0])
     scan_dataset(model, loader, memory, config=config)      # a few times during training
     out = compute_pcr_loss(model, batch, config=config, memory=memory)   # every step
 
@@ -10,6 +10,7 @@ with_indices=True)`` and a collator that stacks the column.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
@@ -17,53 +18,29 @@ import torch
 from torch import Tensor, nn
 
 from ..config import PCRConfig
-from ..scan import BackdoorMemory, cross_view_flags
+from ..defense import BackdoorMemory, cross_view_flags
 from . import adapters
-from .compute import _cached_augment, _shifted
+from .batch import batch_sample_ids, cached_augment, check_batch, shifted_targets
 
 logger = logging.getLogger(__name__)
-
-
-def batch_sample_ids(inputs: Mapping[str, Any]) -> Tensor:
-    """The batch's (B,) training-set row ids, or a ValueError saying how to provide them."""
-    ids = inputs.get(adapters.SAMPLE_IDS_KEY)
-    rows = inputs["input_ids"].shape[0] if isinstance(inputs.get("input_ids"), Tensor) else None
-    if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.is_floating_point() or (rows is not None and ids.numel() != rows):
-        raise ValueError(f"scan-and-unlearn PCR needs inputs['{adapters.SAMPLE_IDS_KEY}']: a ({rows},) integer tensor "
-                         f"of training-set row ids (e.g. dataset.map(lambda e, i: {{'sample_ids': i}}, "
-                         f"with_indices=True) and a collator that stacks it); got "
-                         f"{tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__}")
-    return ids
-
-
-def shifted_targets(hidden: Tensor, inputs: Mapping[str, Any]):
-    """(hidden, labels) aligned for a causal LM: position t predicts token t+1 (or the
-    collator's ``shift_labels`` as given)."""
-    shift_labels = inputs.get("shift_labels")
-    labels = inputs.get("labels")
-    if not isinstance(labels, Tensor) and not isinstance(shift_labels, Tensor):
-        raise ValueError("inputs must contain 'labels' (B, T) (or 'shift_labels'): PCR needs targets")
-    return _shifted(hidden, labels, shift_labels if isinstance(shift_labels, Tensor) else None)
 
 
 @torch.no_grad()
 def scan_batch(model: nn.Module, inputs: Mapping[str, Any], memory: BackdoorMemory, *,
                config: Optional[PCRConfig] = None, augment: Optional[Callable] = None,
                generator: Optional[torch.Generator] = None) -> Tensor:
-    """Test one batch (original view + ``config.gate_views`` masked draws, no gradient) and
+    """Test one batch (original view + ``config.augment.views`` masked draws, no gradient) and
     record it in ``memory`` (between ``memory.begin_scan()`` and ``end_scan()``). Returns
     the (B,) flags."""
     cfg = config or PCRConfig()
     if not isinstance(memory, BackdoorMemory):
-        raise ValueError(f"memory must be a BackdoorMemory (PCRConfig.make_memory), got {type(memory).__name__}")
-    for key in ("input_ids", "pixel_values"):
-        if not isinstance(inputs.get(key), Tensor):
-            raise ValueError(f"inputs[{key!r}] must be a tensor (the processor's output); keys: {sorted(inputs)}")
+        raise ValueError(f"memory must be a BackdoorMemory (BackdoorMemory.from_config), got {type(memory).__name__}")
+    check_batch(inputs)
     ids = batch_sample_ids(inputs)
     head = adapters.find_lm_head(model)
     verified, softcap = adapters.verified_softcap(model)
     if augment is None:
-        augment = _cached_augment(model, cfg)
+        augment = cached_augment(model, cfg.augment)
     model_inputs = adapters.model_inputs_of(inputs)
     shape = tuple(inputs["input_ids"].shape[:2])
     h_a, weight = adapters.forward_hidden(model, head, model_inputs, shape, verify=not verified)
@@ -72,16 +49,15 @@ def scan_batch(model: nn.Module, inputs: Mapping[str, Any], memory: BackdoorMemo
     h_a, targets = shifted_targets(h_a, inputs)
     pixels = model_inputs[adapters.PIXEL_KEY]
     views = []
-    for _ in range(cfg.gate_views):
+    for _ in range(cfg.augment.views):
         inputs_k = dict(model_inputs)
         inputs_k[adapters.PIXEL_KEY] = adapters.call_augment(augment, pixels, model_inputs, generator)
         h_k, _ = adapters.forward_hidden(model, head, inputs_k, shape)
         views.append(shifted_targets(h_k, inputs)[0])
     bias = getattr(head, "bias", None)
     with adapters.gathered_weight(weight):
-        flags = cross_view_flags(h_a, views, weight, targets, bias=bias, invariance_threshold=cfg.gate_threshold,
-                                 view_confidence=cfg.gate_confidence, original_confidence=cfg.scan_original_confidence,
-                                 softcap=softcap, backend=cfg.backend)
+        flags = cross_view_flags(h_a, views, weight, targets, bias=bias, softcap=softcap,
+                                 backend=cfg.execution.backend, **dataclasses.asdict(cfg.detector))
     memory.record(ids, targets, flags)
     return flags
 
@@ -95,7 +71,7 @@ def scan_dataset(model: nn.Module, batches: Iterable[Mapping[str, Any]], memory:
     the device (default: the model's). Returns :meth:`BackdoorMemory.summary`."""
     cfg = config or PCRConfig()
     if augment is None:
-        augment = _cached_augment(model, cfg)
+        augment = cached_augment(model, cfg.augment)
     if prepare is None:
         device = next(adapters.unwrap_model(model).parameters()).device
 

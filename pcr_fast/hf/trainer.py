@@ -15,11 +15,12 @@ Use ``remove_unused_columns=False`` (the batch carries family-specific keys) and
 gradient checkpointing, ``gradient_checkpointing_kwargs={"use_reentrant": False}``.
 
 Scan-and-unlearn (``PCRConfig(mode="scan")``, the default): plain SFT until the first scan;
-before the optimisation steps ``config.scan_steps(max_steps)`` the whole training set is
-scanned (:func:`pcr_fast.hf.scan_dataset`, through ``get_train_dataloader()``) into
-``trainer.pcr_memory``; afterwards flagged samples are dropped from the CE and target tokens
-unlearned. Batches must carry ``sample_ids`` (training-set row ids). Evaluation uses the
-model's own loss. With ``mode="online"`` every step runs the two-view ``TwoViewLoss``.
+before the optimisation steps of ``ScanSchedule.for_run(config, max_steps).scan_steps`` the
+whole training set is scanned (:func:`pcr_fast.hf.scan_dataset`, through
+``get_train_dataloader()``) into ``trainer.pcr_memory``; afterwards flagged samples are
+dropped from the CE and target tokens unlearned. Batches must carry ``sample_ids``
+(training-set row ids). Evaluation uses the model's own loss. With ``mode="online"`` every
+step after the warm-up (``config.schedule.warmup``) runs the two-view ``TwoViewLoss``.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import PCRConfig
-from ..scan import BackdoorMemory
+from ..augment import PatchAugment
+from ..defense import BackdoorMemory, ScanSchedule
 from . import adapters
 from .compute import compute_pcr_loss
 from .scan import scan_dataset
@@ -44,9 +46,9 @@ class PCRTrainerMixin:
     Extra keyword arguments:
         pcr: :class:`~pcr_fast.PCRConfig` (defaults to ``PCRConfig()``).
         pcr_augment: a custom ``pixel_values -> pixel_values`` callable (default:
-            ``pcr.make_augment(model)``).
+            ``PatchAugment.from_config(pcr.augment, model)``).
         pcr_loss: a custom :class:`~pcr_fast.TwoViewLoss` (``mode="online"``; default:
-            ``pcr.make_loss()``).
+            ``TwoViewLoss.from_config(pcr)``).
         pcr_memory: a :class:`~pcr_fast.BackdoorMemory` to fill (``mode="scan"``; default: one
             sized from the training set and the lm_head, made at the first scan).
     """
@@ -83,7 +85,7 @@ class PCRTrainerMixin:
     def _pcr_augment_for(self, model: nn.Module) -> Callable:
         # built lazily: the model is only final once the Trainer has wrapped it
         if self.pcr_augment is None:
-            self.pcr_augment = self.pcr_config.make_augment(adapters.unwrap_model(model))
+            self.pcr_augment = PatchAugment.from_config(self.pcr_config.augment, adapters.unwrap_model(model))
         return self.pcr_augment
 
     def pcr_scan(self, model: Optional[nn.Module] = None) -> Dict[str, object]:
@@ -91,8 +93,8 @@ class PCRTrainerMixin:
         model = model if model is not None else self.model
         if self.pcr_memory is None:
             head = adapters.find_lm_head(model)
-            self.pcr_memory = self.pcr_config.make_memory(len(self.train_dataset), head.weight.shape[0],
-                                                          device=head.weight.device)
+            self.pcr_memory = BackdoorMemory.from_config(self.pcr_config.unlearn, len(self.train_dataset),
+                                                         head.weight.shape[0], device=head.weight.device)
         summary = scan_dataset(model, self.get_train_dataloader(), self.pcr_memory, config=self.pcr_config,
                                augment=self._pcr_augment_for(model), prepare=self._prepare_inputs,
                                progress=not self.args.disable_tqdm and self.is_world_process_zero())
@@ -105,25 +107,28 @@ class PCRTrainerMixin:
         return super().compute_loss(model, plain, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
+    def pcr_schedule(self) -> ScanSchedule:
+        """When the defense acts in this run (from the Trainer's ``max_steps``)."""
+        return ScanSchedule.for_run(self.pcr_config, max(1, self.state.max_steps))
+
     def compute_loss(self, model: nn.Module, inputs: Dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch=None):
-        scan_mode = self.pcr_config.mode == "scan"
         step = self.state.global_step
-        if scan_mode and model.training and step not in self._pcr_scanned \
-                and step in self.pcr_config.scan_steps(max(1, self.state.max_steps)):
+        schedule = self.pcr_schedule()
+        if model.training and schedule.scans_before(step) and step not in self._pcr_scanned:
             self._pcr_scanned.add(step)
             self.pcr_scan(model)
-        # the model's own SFT loss: warm-up, scan mode before its first scan, scan-mode evaluation
+        # the model's own SFT loss: the warm-up, scan mode before its first scan, scan-mode evaluation
         scans_ready = self.pcr_memory is not None and self.pcr_memory.active
-        if (model.training and step < self.pcr_config.warmup_steps) or \
-                (scan_mode and (not model.training or not scans_ready)):
+        scan_mode = self.pcr_config.mode == "scan"
+        if (model.training and schedule.trains_plain(step, scans_ready)) or (scan_mode and not model.training):
             return self._plain_loss(model, inputs, return_outputs, num_items_in_batch)
         if scan_mode:
             out = compute_pcr_loss(model, inputs, config=self.pcr_config, memory=self.pcr_memory,
                                    num_items_in_batch=num_items_in_batch)
         else:
-            augment = None if "augmented_pixel_values" in inputs else self._pcr_augment_for(model)
-            out = compute_pcr_loss(model, inputs, augment=augment, loss_fn=self.pcr_loss, config=self.pcr_config,
+            augment = None if adapters.AUGMENTED_KEY in inputs else self._pcr_augment_for(model)
+            out = compute_pcr_loss(model, inputs, config=self.pcr_config, augment=augment, loss_fn=self.pcr_loss,
                                    num_items_in_batch=num_items_in_batch)
         loss = out.loss
         if (num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False)):

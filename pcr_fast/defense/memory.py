@@ -1,102 +1,16 @@
-"""Scan-and-unlearn: PCR's cross-view invariance used as a backdoor detector.
-
-Why (evidence in benchmarks/EVAL_NOTES.md §8): a backdoor response is *invariant* to
-destroying the image content — mask half of the image in small units and the trigger
-still fires — while the model is abnormally sure of it. Judged one batch at a time during
-training, that test can be dodged (the model learns a trigger feature one random mask
-breaks) and it hits clean answers that a half image still supports. So the defense looks
-at the whole training set at a few points of training instead:
-
-1. **Scan** (:func:`cross_view_flags`): for every training response, the original view
-   and ``K`` masked views through the fused two-view statistics; a response is *flagged*
-   if, in some draw, the model predicts it confidently from the original view
-   (max-token CE < ``original_confidence``), the masked view still predicts it
-   (max-token CE < ``view_confidence``) and the two output distributions agree on every
-   response token (max symmetric KL < ``invariance_threshold``).
-2. **Remember** (:class:`BackdoorMemory`): flagged samples stay flagged. Per vocabulary
-   token, the share of the training samples containing it that are flagged: a token most
-   of whose occurrences are flagged (``target_share``) is the attacker's target. A clean
-   answer the test wrongly flags (a digit recognisable from half the image) stays a
-   minority of its token's occurrences.
-3. **Unlearn** (:func:`unlearning_loss`): flagged samples and every sample whose response
-   contains a target token are dropped from the cross-entropy, and the target tokens get
-   unlikelihood ``−log(1 − p)``. Dropping a clean false positive costs one sample; only
-   target tokens are pushed down.
-
-Everything here works on hidden states + the lm_head weight (no N×V logits); the HF
-integration (:mod:`pcr_fast.hf.scan`) runs the model forwards.
-"""
+"""``BackdoorMemory``: the flags of the scans and the target tokens they reveal (DESIGN §4)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .loss import unlikelihood_from_ce
-from .stats import two_view_stats
+from ..config import UnlearnConfig
+from .labels import check_labels_2d
 
 logger = logging.getLogger(__name__)
-
-
-def _check_labels2d(labels: Tensor) -> None:
-    if not isinstance(labels, Tensor) or labels.dim() != 2 or labels.is_floating_point():
-        raise ValueError(f"labels must be an integer (B, T) tensor (one response per row, already shifted), "
-                         f"got {getattr(labels, 'dtype', type(labels).__name__)} "
-                         f"{tuple(getattr(labels, 'shape', ()))}")
-
-
-def _max_over_labelled(values: Tensor, labelled: Tensor) -> Tensor:
-    """(B,) max over each row's labelled tokens (-inf for rows without any)."""
-    return values.view(labelled.shape).masked_fill(~labelled, float("-inf")).amax(dim=1)
-
-
-@torch.no_grad()
-def cross_view_flags(h_a: Tensor, views: Sequence[Tensor], weight: Tensor, labels: Tensor, *,
-                     bias: Optional[Tensor] = None, invariance_threshold: float = 0.1,
-                     view_confidence: float = 3.0, original_confidence: float = 0.3,
-                     temperature: float = 1.0, softcap: Optional[float] = None,
-                     ignore_index: int = -100, backend: str = "auto") -> Tensor:
-    """Which responses look like a backdoor: (B,) bool, no gradient.
-
-    Args:
-        h_a: hidden states of the original view, (B, T, D).
-        views: hidden states of one or more augmented (masked) views, each like ``h_a``;
-            a response is flagged if the test passes in ANY of them.
-        weight, bias: the lm_head. labels: (B, T), already shifted (one response per row).
-        invariance_threshold: largest symmetric KL (nats) over the response tokens.
-        view_confidence: the augmented view's largest per-token CE (nats).
-        original_confidence: the original view's largest per-token CE (nats): a response
-            the model is not yet sure of is never flagged (from scratch, unlearned clean
-            answers look "invariant" too: nothing depends on the image yet).
-    """
-    _check_labels2d(labels)
-    if h_a.dim() != 3 or h_a.shape[:2] != labels.shape:
-        raise ValueError(f"h_a must be (B, T, D) matching labels {tuple(labels.shape)}, got {tuple(h_a.shape)}")
-    if len(views) == 0:
-        raise ValueError("views must hold at least one augmented view")
-    for name, value in (("invariance_threshold", invariance_threshold), ("view_confidence", view_confidence),
-                        ("original_confidence", original_confidence)):
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0 (nats), got {value!r}")
-    labelled = labels != ignore_index
-    kwargs = dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-                  backend=backend, detach_b=True)
-    flags = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
-    sure = None
-    for h_b in views:
-        if not isinstance(h_b, Tensor) or h_b.shape != h_a.shape:
-            raise ValueError(f"views must hold tensors shaped like h_a {tuple(h_a.shape)}, got "
-                             f"{tuple(h_b.shape) if isinstance(h_b, Tensor) else type(h_b).__name__}")
-        st = two_view_stats(h_a, h_b, weight, labels, **kwargs)
-        if sure is None:  # the original view's confidence is the same for every draw
-            sure = labelled.any(dim=1) & (_max_over_labelled(st.ce_a, labelled) < original_confidence)
-        invariant = _max_over_labelled(st.kl_ab + st.kl_ba, labelled) < invariance_threshold
-        predicted = _max_over_labelled(st.ce_b, labelled) < view_confidence
-        flags |= invariant & predicted
-    return flags & sure
 
 
 class BackdoorMemory:
@@ -132,6 +46,15 @@ class BackdoorMemory:
         self._flagged = torch.zeros(vocab_size, dtype=torch.long, device=device)
         self._scanning = False
 
+    @classmethod
+    def from_config(cls, config: UnlearnConfig, num_samples: int, vocab_size: int,
+                    device: Union[str, torch.device, None] = None) -> "BackdoorMemory":
+        """A memory with the target rule of ``config``."""
+        if not isinstance(config, UnlearnConfig):
+            raise ValueError(f"config must be an UnlearnConfig, got {type(config).__name__}")
+        return cls(num_samples, vocab_size, target_share=config.target_share, min_support=config.min_support,
+                   device=device)
+
     @property
     def num_samples(self) -> int:
         return self.flags.numel()
@@ -159,7 +82,7 @@ class BackdoorMemory:
 
     def _presence(self, labels: Tensor, ignore_index: int) -> Tensor:
         """(B, V) bool: which vocabulary entries each response contains."""
-        _check_labels2d(labels)
+        check_labels_2d(labels)
         lab = labels.to(self.flags.device)
         valid = lab != ignore_index
         if valid.any() and bool(((lab < 0) | (lab >= self.vocab_size))[valid].any()):
@@ -221,7 +144,7 @@ class BackdoorMemory:
         ``drop``: responses left out of the cross-entropy (flagged, or containing a target
         token). ``unlearn``: their target-token positions, which get unlikelihood.
         """
-        _check_labels2d(labels)
+        check_labels_2d(labels)
         ids = self._ids(sample_ids, labels.shape[0])
         lab = labels.to(self.flags.device)
         valid = lab != ignore_index
@@ -258,54 +181,3 @@ class BackdoorMemory:
         self.scans = int(state["scans"])
         self.target_share = float(state["target_share"])
         self.min_support = int(state["min_support"])
-
-
-@dataclass
-class UnlearningLossOutput:
-    """The loss and detached per-term values for logging (no host sync)."""
-
-    loss: Tensor
-    ce: Tensor                  # mean CE over the kept labelled tokens
-    unlikelihood: Tensor        # mean unlikelihood over the unlearned tokens (0 if none)
-    dropped_fraction: Tensor    # share of the batch's responses left out of the CE
-    num_tokens: Tensor          # labelled tokens in the batch
-
-
-def unlearning_loss(h_a: Tensor, weight: Tensor, labels: Tensor, drop: Tensor, unlearn: Tensor, *,
-                    bias: Optional[Tensor] = None, num_items_in_batch=None, unlearn_weight: float = 1.0,
-                    temperature: float = 1.0, softcap: Optional[float] = None, ignore_index: int = -100,
-                    backend: str = "auto") -> UnlearningLossOutput:
-    """CE on the kept responses + ``unlearn_weight`` × unlikelihood on the ``unlearn`` tokens.
-
-    ``(Σ_kept CE + λ Σ_unlearn −log(1 − p)) / n`` with ``n`` the batch's labelled tokens
-    (or ``num_items_in_batch``), so an all-kept batch gives exactly the plain SFT loss.
-    ``drop``: (B,) bool; ``unlearn``: (B, T) bool. Per-token CE comes from the fused
-    statistics (the second view slot gets ``h_a`` detached: no N×V tensor).
-    """
-    _check_labels2d(labels)
-    if h_a.dim() != 3 or h_a.shape[:2] != labels.shape:
-        raise ValueError(f"h_a must be (B, T, D) matching labels {tuple(labels.shape)}, got {tuple(h_a.shape)}")
-    if not isinstance(drop, Tensor) or drop.dtype != torch.bool or drop.shape != labels.shape[:1]:
-        raise ValueError(f"drop must be a bool tensor of shape ({labels.shape[0]},), got "
-                         f"{getattr(drop, 'dtype', type(drop).__name__)} {tuple(getattr(drop, 'shape', ()))}")
-    if not isinstance(unlearn, Tensor) or unlearn.dtype != torch.bool or unlearn.shape != labels.shape:
-        raise ValueError(f"unlearn must be a bool tensor shaped like labels {tuple(labels.shape)}, got "
-                         f"{getattr(unlearn, 'dtype', type(unlearn).__name__)} {tuple(getattr(unlearn, 'shape', ()))}")
-    if unlearn_weight < 0:
-        raise ValueError(f"unlearn_weight must be >= 0, got {unlearn_weight!r}")
-    st = two_view_stats(h_a, h_a.detach(), weight, labels, bias=bias, temperature=temperature, softcap=softcap,
-                        ignore_index=ignore_index, backend=backend, detach_b=True)
-    dtype = st.ce_a.dtype
-    labelled = (labels != ignore_index).reshape(-1)
-    keep = (labelled & ~drop[:, None].expand_as(labels).reshape(-1)).to(dtype)
-    unl = (unlearn.reshape(-1) & labelled).to(dtype)
-    n_lab = labelled.to(dtype).sum()
-    den = (torch.as_tensor(num_items_in_batch, dtype=dtype, device=n_lab.device)
-           if num_items_in_batch is not None else n_lab.clamp_min(1))
-    ce_sum = (st.ce_a * keep).sum()
-    ul_sum = (unlikelihood_from_ce(st.ce_a) * unl).sum()
-    loss = (ce_sum + unlearn_weight * ul_sum) / den
-    with torch.no_grad():
-        return UnlearningLossOutput(
-            loss=loss, ce=ce_sum.detach() / keep.sum().clamp_min(1), unlikelihood=ul_sum.detach() / unl.sum().clamp_min(1),
-            dropped_fraction=drop.to(dtype).mean(), num_tokens=n_lab)

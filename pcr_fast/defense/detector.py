@@ -1,0 +1,65 @@
+"""The cross-view test of PCR as a backdoor detector (DESIGN §4).
+
+A response is *flagged* if, in some augmented draw, the model predicts it confidently from
+the original view (max-token CE < ``original_confidence``), the masked view still predicts
+it (max-token CE < ``view_confidence``) and the two output distributions agree on every
+response token (max symmetric KL < ``invariance_threshold``): the trigger survives the mask,
+the content does not. It works on hidden states + the lm_head weight (no N×V logits).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..config import DetectorConfig
+from ..stats import two_view_stats
+from .labels import check_labels_2d, max_over_labelled
+
+DETECTOR = DetectorConfig()  # the measured defaults
+
+
+@torch.no_grad()
+def cross_view_flags(h_a: Tensor, views: Sequence[Tensor], weight: Tensor, labels: Tensor, *,
+                     bias: Optional[Tensor] = None, invariance_threshold: float = DETECTOR.invariance_threshold,
+                     view_confidence: float = DETECTOR.view_confidence,
+                     original_confidence: float = DETECTOR.original_confidence,
+                     temperature: float = 1.0, softcap: Optional[float] = None,
+                     ignore_index: int = -100, backend: str = "auto") -> Tensor:
+    """Which responses look like a backdoor: (B,) bool, no gradient.
+
+    Args:
+        h_a: hidden states of the original view, (B, T, D).
+        views: hidden states of one or more augmented (masked) views, each like ``h_a``;
+            a response is flagged if the test passes in ANY of them.
+        weight, bias: the lm_head. labels: (B, T), already shifted (one response per row).
+        invariance_threshold: largest symmetric KL (nats) over the response tokens.
+        view_confidence: the augmented view's largest per-token CE (nats).
+        original_confidence: the original view's largest per-token CE (nats): a response
+            the model is not yet sure of is never flagged (from scratch, unlearned clean
+            answers look "invariant" too: nothing depends on the image yet).
+    """
+    check_labels_2d(labels)
+    if h_a.dim() != 3 or h_a.shape[:2] != labels.shape:
+        raise ValueError(f"h_a must be (B, T, D) matching labels {tuple(labels.shape)}, got {tuple(h_a.shape)}")
+    if len(views) == 0:
+        raise ValueError("views must hold at least one augmented view")
+    DetectorConfig(invariance_threshold=invariance_threshold, view_confidence=view_confidence,
+                   original_confidence=original_confidence)  # validates each value, naming it
+    labelled = labels != ignore_index
+    kwargs = dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+                  backend=backend, detach_b=True)
+    flags = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+    sure = None
+    for h_b in views:
+        if not isinstance(h_b, Tensor) or h_b.shape != h_a.shape:
+            raise ValueError(f"views must hold tensors shaped like h_a {tuple(h_a.shape)}, got "
+                             f"{tuple(h_b.shape) if isinstance(h_b, Tensor) else type(h_b).__name__}")
+        st = two_view_stats(h_a, h_b, weight, labels, **kwargs)
+        if sure is None:  # the original view's confidence is the same for every draw
+            sure = labelled.any(dim=1) & (max_over_labelled(st.ce_a, labelled) < original_confidence)
+        invariant = max_over_labelled(st.kl_ab + st.kl_ba, labelled) < invariance_threshold
+        predicted = max_over_labelled(st.ce_b, labelled) < view_confidence
+        flags |= invariant & predicted
+    return flags & sure
