@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..config import PCRConfig
-from ..defense import BackdoorMemory, ScanSchedule
+from ..defense import BackdoorMemory, InlineMemory, ScanSchedule
 from ..hf.counting import count_compute
 from ..loss import TwoViewLoss
 from .data import (CAPTION_PROMPT, INSTRUCTIONS, QUESTION_PROMPT, DigitImages, load_digits_images,
@@ -253,9 +253,12 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
         # (patch_size=None: the model's visual-token unit, read from the model)
         augment = PatchAugment.from_config(pcr.augment, net, seed=seed if pcr.augment.augment_seed is None else None)
         schedule = ScanSchedule.for_run(pcr, steps)
-        if pcr.mode == "scan":
-            memory = BackdoorMemory.from_config(pcr.unlearn, exp.num_samples,
-                                                net.get_output_embeddings().weight.shape[0], device=dev)
+        vocab = net.get_output_embeddings().weight.shape[0]
+        if pcr.mode == "inline":
+            memory = InlineMemory.from_config(pcr, exp.num_samples, vocab, device=dev)
+            test_generator = torch.Generator(device=dev).manual_seed(int(seed) + 2)
+        elif pcr.mode == "scan":
+            memory = BackdoorMemory.from_config(pcr.unlearn, exp.num_samples, vocab, device=dev)
         else:
             loss_fn = TwoViewLoss.from_config(pcr)
 
@@ -277,6 +280,10 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
             inputs = {k: v.to(dev) for k, v in exp.batch(idx).items()}
             if defense == "none" or schedule.trains_plain(step, memory is not None and memory.active):
                 loss = net(**inputs).loss
+            elif pcr.mode == "inline":
+                inputs["sample_ids"] = torch.tensor(idx, device=dev)
+                loss = compute_loss(net, inputs, config=pcr, memory=memory, augment=augment,
+                                    generator=test_generator).loss
             elif memory is not None:
                 inputs["sample_ids"] = torch.tensor(idx, device=dev)
                 loss = compute_loss(net, inputs, config=pcr, memory=memory).loss
@@ -313,7 +320,10 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
                   loss_history=history, device=str(dev),
                   pcr=(pcr.to_dict() if (defense == "pcr" and hasattr(pcr, "to_dict")) else None),
                   trigger_params=_trigger_params(exp.trigger))
-    if memory is not None:
+    if isinstance(memory, InlineMemory):
+        report = memory.report(exp.tokenizer)
+        result.update(inline=report, inline_summary=memory.summary(exp.poisoned))
+    elif memory is not None:
         result.update(scans=scans, scan_summary=memory.summary(exp.poisoned))
     logger.info("%s/%s seed %d: ASR %.3f, accuracy %.3f, BLEU-4 %.3f (%.1fs training)", result["attack"], defense,
                 seed, result["asr"], result["clean_accuracy"], result["bleu"], train_seconds)
