@@ -43,8 +43,11 @@ def run_job(job: dict) -> dict:
     t0 = time.time()
     r = run_experiment(job["attack"], "none" if cfg is None else "pcr", job["poison_ratio"], seed=job["seed"],
                        init="pretrained", epochs=job["epochs"], pcr=cfg, progress=False)
+    from pcr_fast.environment import git_commit
+
     r.pop("loss_history", None)
     r["variant"] = job["variant"]
+    r["git"] = git_commit()
     r["wall_seconds"] = round(time.time() - t0, 1)
     return r
 
