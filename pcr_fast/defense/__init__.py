@@ -27,9 +27,10 @@ Everything here works on hidden states + the lm_head weight (no N×V logits); th
 integration (:mod:`pcr_fast.hf.scan`) runs the model forwards. :class:`ScanSchedule` says
 when each part acts in a run.
 """
-from .detector import cross_view_flags
+from .detector import CrossViewScores, cross_view_flags, cross_view_scores
 from .memory import BackdoorMemory
 from .schedule import ScanSchedule
 from .unlearning import UnlearningLossOutput, unlearning_loss
 
-__all__ = ["BackdoorMemory", "ScanSchedule", "UnlearningLossOutput", "cross_view_flags", "unlearning_loss"]
+__all__ = ["BackdoorMemory", "CrossViewScores", "ScanSchedule", "UnlearningLossOutput", "cross_view_flags",
+           "cross_view_scores", "unlearning_loss"]

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import importlib
 
+from .audit import scan_report
 from .compute import PCRLossOutput, compute_pcr_loss
 from .scan import scan_batch, scan_dataset
 
 # the Trainer classes import transformers.Trainer (slow): load them on first use
 _LAZY = {"PCRTrainer": ".trainer", "PCRTrainerMixin": ".trainer"}
 
-__all__ = ["compute_pcr_loss", "PCRLossOutput", "scan_batch", "scan_dataset", "PCRTrainer", "PCRTrainerMixin"]
+__all__ = ["compute_pcr_loss", "PCRLossOutput", "scan_batch", "scan_dataset", "scan_report", "PCRTrainer",
+           "PCRTrainerMixin"]
 
 
 def __getattr__(name: str):

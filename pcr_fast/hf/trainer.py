@@ -34,6 +34,8 @@ from ..config import PCRConfig
 from ..augment import PatchAugment
 from ..defense import BackdoorMemory, ScanSchedule
 from . import adapters
+from .batch import check_first_batch
+from .checkpoint import DefenseCheckpointCallback, load_defense_state, resolve_checkpoint, restore_memory
 from .compute import compute_pcr_loss
 from .scan import scan_dataset
 
@@ -81,6 +83,29 @@ class PCRTrainerMixin:
         self._pcr_sums: Dict[str, Tensor] = {}
         self._pcr_count = 0
         self._pcr_generator: Optional[torch.Generator] = None
+        self._pcr_batch_checked = False
+        self.add_callback(DefenseCheckpointCallback(self))   # the defense's state in every checkpoint
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``; on resume the defense's state comes back from the checkpoint."""
+        folder = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        state = load_defense_state(folder) if folder else None
+        if state is not None:
+            head = adapters.find_lm_head(self.model)
+            self.pcr_memory = restore_memory(state, self.pcr_config, len(self.train_dataset), head.weight.device)
+            logger.info("PCR: defense state restored from %s: %s", folder,
+                        self.pcr_memory.summary() if self.pcr_memory is not None else "no scan yet")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def pcr_report(self, **kwargs) -> Dict[str, Any]:
+        """What the defense found so far (:func:`pcr_fast.hf.report.build_report`: flags, target
+        phrases decoded to text, counts, thresholds); ``kwargs`` go to ``build_report``."""
+        from .report import build_report, sample_records
+
+        kwargs.setdefault("records", sample_records(self.train_dataset, self.data_collator))
+        kwargs.setdefault("tokenizer", getattr(self.processing_class, "tokenizer", self.processing_class))
+        kwargs.setdefault("num_samples", len(self.train_dataset))
+        return build_report(self.pcr_memory, config=self.pcr_config, kind="train", defense="pcr", **kwargs)
 
     def _pcr_augment_for(self, model: nn.Module) -> Callable:
         # built lazily: the model is only final once the Trainer has wrapped it
@@ -114,6 +139,10 @@ class PCRTrainerMixin:
     def compute_loss(self, model: nn.Module, inputs: Dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch=None):
         step = self.state.global_step
+        if not self._pcr_batch_checked and model.training:   # once, before the first step
+            check_first_batch(inputs, needs_sample_ids=self.pcr_config.mode == "scan",
+                              num_samples=len(self.train_dataset) if self.train_dataset is not None else None)
+            self._pcr_batch_checked = True
         schedule = self.pcr_schedule()
         if model.training and schedule.scans_before(step) and step not in self._pcr_scanned:
             self._pcr_scanned.add(step)
