@@ -67,6 +67,28 @@ def test_report_names_the_target_phrase_and_flags_the_samples_holding_it(scene):
     json.dumps(report)                                        # JSON-ready as built
 
 
+def test_an_end_of_answer_token_is_never_a_phrase():
+    """When most samples are flagged, the token ending every answer reaches the target share
+    too; it must not make every sample 'hold a target'."""
+    tok = word_tokenizer("llava")
+    answers = ["visit evil dot com"] * 4 + ["zero"]
+    answer_ids = [ids(tok, a) + [tok.eos_token_id] for a in answers]
+    labels = torch.full((5, 6), -100)
+    for i, a in enumerate(answer_ids):
+        labels[i, :len(a)] = torch.tensor(a)
+    memory = BackdoorMemory(5, len(tok), target_share=0.6, min_support=2)
+    memory.begin_scan()
+    memory.record(torch.arange(5), labels, torch.tensor([1, 1, 1, 1, 0], dtype=torch.bool))
+    memory.end_scan()
+    assert bool(memory.targets[tok.eos_token_id])             # the memory's own rule makes it a target
+    records = [SampleRecord(index=i, answer=a, answer_ids=x) for i, (a, x) in enumerate(zip(answers, answer_ids))]
+    report = build_report(memory, records=records, tokenizer=tok)
+    assert [(t["text"], t["token_ids"]) for t in report["targets"]] == [("visit evil dot com",
+                                                                        ids(tok, "visit evil dot com"))]
+    assert [r["flagged"] for r in report["samples"]] == [True] * 4 + [False]
+    assert tok.eos_token_id in [t["id"] for t in report["target_tokens"]]      # listed as a token, truthfully
+
+
 def test_without_memory_or_targets(scene):
     tok, memory, records, _ = scene
     none = build_report(None, records=None, num_samples=7, kind="train", defense="none")
@@ -134,6 +156,35 @@ def test_flags_are_thresholds_of_the_scores():
     assert bool(torch.isfinite(scores.invariance[:-1]).all())
 
 
+def test_scores_match_a_float64_truth():
+    """Each score against materialised float64 logits: the max over the response of the
+    symmetric KL / masked CE in the documented draw, and of the original CE."""
+    h_a, views, weight, labels = problem()
+    kb = 1.0
+    got = cross_view_scores(h_a, views, weight, labels, view_confidence=kb, backend="torch")
+    lab = labels != -100
+    y = labels.clamp_min(0)[..., None]
+    la = (h_a.double() @ weight.double().T).log_softmax(-1)
+
+    def worst(x):
+        return x.masked_fill(~lab, float("-inf")).amax(1)
+
+    ce_a = worst(-la.gather(-1, y)[..., 0])
+    inv, vce = [], []
+    for h_b in views:
+        lb = (h_b.double() @ weight.double().T).log_softmax(-1)
+        inv.append(worst(((la.exp() - lb.exp()) * (la - lb)).sum(-1)))
+        vce.append(worst(-lb.gather(-1, y)[..., 0]))
+    inv, vce = torch.stack(inv, 1), torch.stack(vce, 1)
+    for row in range(labels.shape[0] - 1):
+        ok = vce[row] < kb
+        pool = torch.nonzero(ok).flatten().tolist() if bool(ok.any()) else list(range(len(views)))
+        k = min(pool, key=lambda j: float(inv[row, j]))
+        assert float(got.invariance[row]) == pytest.approx(float(inv[row, k]), rel=1e-4, abs=1e-5)
+        assert float(got.view_ce[row]) == pytest.approx(float(vce[row, k]), rel=1e-4, abs=1e-5)
+        assert float(got.original_ce[row]) == pytest.approx(float(ce_a[row]), rel=1e-4, abs=1e-5)
+
+
 def test_scores_judge_each_response_on_its_best_draw():
     """The most invariant draw among those whose masked view still predicts the answer."""
     h_a, _, weight, labels = problem(b=4)
@@ -145,3 +196,11 @@ def test_scores_judge_each_response_on_its_best_draw():
         assert torch.allclose(s.view_ce[:-1], s.original_ce[:-1], atol=1e-5)
     only_far = cross_view_scores(h_a, [far], weight, labels, backend="torch")
     assert bool((only_far.invariance[:-1] > 0.1).all())
+    # an unsure answer: the identical draw is the most invariant, but only a draw that pushes
+    # towards the answer still predicts it (CE < view_confidence): that one is judged
+    weight = torch.randn(23, 16)
+    h_a = torch.randn(3, 4, 16) * 0.01
+    labels = torch.randint(0, 23, (3, 4))
+    toward = h_a + 2.0 * weight[labels]
+    s = cross_view_scores(h_a, [h_a.clone(), toward], weight, labels, view_confidence=2.5, backend="torch")
+    assert bool((s.original_ce > 2.5).all()) and bool((s.view_ce < 2.5).all()) and bool((s.invariance > 0.1).all())

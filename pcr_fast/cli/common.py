@@ -74,6 +74,7 @@ def check_model_dir(parser: argparse.ArgumentParser, path: str, *, allow_adapter
     ``allow_adapter``, a peft adapter folder whose base model is a local folder)."""
     if not os.path.isdir(path):
         parser.error(f"--model: no such folder: {path!r}")
+    path = os.path.abspath(path)   # a LoRA adapter saved from it then names its base model absolutely
     adapter = None
     base = path
     if not os.path.isfile(os.path.join(path, "config.json")):

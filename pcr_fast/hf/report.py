@@ -303,7 +303,7 @@ h1{font-size:22px}h2{font-size:18px;margin-top:28px}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
 .cards{display:flex;flex-wrap:wrap;gap:10px}
 .card{border:1px solid #ddd;border-radius:6px;padding:8px;width:210px;font-size:12px}
-.card img{display:block;margin:0 auto 6px auto;image-rendering:pixelated}
+.card img{display:block;margin:0 auto 6px auto;image-rendering:pixelated;border:1px solid #888}
 .answer{font-weight:600;word-break:break-word}.muted{color:#777}
 """
 
