@@ -4,9 +4,10 @@ Public API (see README):
     two_view_stats, TwoViewStats          per-row CE/KL/entropy of two views (fused)
     TwoViewLoss, two_view_loss            the PCR objective
     PatchAugment, patch_augment           one-pass patch shuffle/mask of pixel_values
-    PCRConfig (+ AugmentConfig, DetectorConfig, UnlearnConfig, ObjectiveConfig, ScheduleConfig,
+    PCRConfig (+ AugmentConfig, DetectorConfig, UnlearnConfig, InlineConfig, ObjectiveConfig, ScheduleConfig,
         ExecutionConfig)                                      the defense's settings
     compute_pcr_loss, PCRTrainer, PCRTrainerMixin         HF integration
+    InlineMemory                          the inline cross-view test (mode "inline")
     BackdoorMemory, cross_view_flags, unlearning_loss, ScanSchedule, scan_dataset   scan-and-unlearn PCR
 """
 from __future__ import annotations
@@ -14,9 +15,10 @@ from __future__ import annotations
 import importlib
 import logging
 
-from .config import (AugmentConfig, DetectorConfig, ExecutionConfig, ObjectiveConfig, PCRConfig, ScheduleConfig,
-                     UnlearnConfig)
-from .defense import BackdoorMemory, ScanSchedule, UnlearningLossOutput, cross_view_flags, unlearning_loss
+from .config import (AugmentConfig, DetectorConfig, ExecutionConfig, InlineConfig, ObjectiveConfig, PCRConfig,
+                     ScheduleConfig, UnlearnConfig)
+from .defense import (BackdoorMemory, InlineMemory, ScanSchedule, UnlearningLossOutput, cross_view_flags,
+                      unlearning_loss)
 from .loss import TwoViewLoss, TwoViewLossOutput, two_view_loss
 from .stats import TwoViewStats, two_view_stats
 
@@ -39,7 +41,7 @@ _LAZY = {
 
 __all__ = ["two_view_stats", "TwoViewStats", "TwoViewLoss", "TwoViewLossOutput", "two_view_loss",
            "PCRConfig", "AugmentConfig", "DetectorConfig", "UnlearnConfig", "ObjectiveConfig", "ScheduleConfig",
-           "ExecutionConfig", "BackdoorMemory", "ScanSchedule", "UnlearningLossOutput", "cross_view_flags",
+           "ExecutionConfig", "InlineConfig", "BackdoorMemory", "InlineMemory", "ScanSchedule", "UnlearningLossOutput", "cross_view_flags",
            "unlearning_loss", *_LAZY]
 
 

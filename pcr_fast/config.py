@@ -11,7 +11,8 @@ The records:
 
 * :class:`AugmentConfig` — the augmented (masked) view: unit, mask, fill, draws per test;
 * :class:`DetectorConfig` — the cross-view test of a response (DESIGN §4): thresholds;
-* :class:`UnlearnConfig` — the memory of flags and the unlearning objective (mode "scan");
+* :class:`UnlearnConfig` — the memory of flags and the unlearning objective (modes "inline", "scan");
+* :class:`InlineConfig` — the inline test's budget and target rule (mode "inline");
 * :class:`ObjectiveConfig` — the per-batch two-view objective ``TwoViewLoss`` (mode "online");
 * :class:`ScheduleConfig` — when the defense acts: warm-up and scan points;
 * :class:`ExecutionConfig` — backend and stop-gradient.
@@ -29,7 +30,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
-MODES = ("scan", "online")
+MODES = ("inline", "scan", "online")
 UNITS = ("half_token", "token", "patch")
 FILL_MODES = ("zero", "mean", "noise")
 DIVERGENCES = ("kl", "reverse_kl", "symmetric_kl")
@@ -142,6 +143,35 @@ class UnlearnConfig:
         _number("target_share", self.target_share, low=0.0, high=1.0, low_open=True)
         _number("min_support", self.min_support, low=1, integer=True)
         _number("unlearn_weight", self.unlearn_weight, low=0.0)
+
+
+@dataclass(frozen=True)
+class InlineConfig:
+    """The cross-view test inside the training step (mode "inline", DESIGN §4).
+
+    Args:
+        test_budget: extra no-grad forward rows per training row for the masked views: each
+            step tests ``test_budget × batch rows / views`` rows (fractions carry over to the
+            next steps), the eligible ones first. The cost of a run is then about
+            ``1 + test_budget / 3`` times plain SFT (a backward costs two forwards).
+        novelty_confidence: a token is *novel* when the model predicted none of its first
+            ``novelty_window`` occurrences in fine-tuning with a CE below this (nats): a
+            backdoor's target is a response the model did not give before it was taught.
+        novelty_window: occurrences of a token that decide whether it is novel.
+        flagged_share: a novel token is a *target* when at least this share of the tested
+            samples containing it is flagged (and at least ``min_support`` are).
+    """
+
+    test_budget: float = 0.1
+    novelty_confidence: float = 4.6
+    novelty_window: int = 16
+    flagged_share: float = 0.1
+
+    def __post_init__(self):
+        _number("test_budget", self.test_budget, low=0.0)
+        _number("novelty_confidence", self.novelty_confidence, low=0.0, low_open=True)
+        _number("novelty_window", self.novelty_window, low=1, integer=True)
+        _number("flagged_share", self.flagged_share, low=0.0, high=1.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -260,7 +290,8 @@ class ExecutionConfig:
 
 
 _SECTIONS = {"augment": AugmentConfig, "detector": DetectorConfig, "unlearn": UnlearnConfig,
-             "objective": ObjectiveConfig, "schedule": ScheduleConfig, "execution": ExecutionConfig}
+             "inline": InlineConfig, "objective": ObjectiveConfig, "schedule": ScheduleConfig,
+             "execution": ExecutionConfig}
 
 
 @dataclass(frozen=True)
@@ -279,6 +310,7 @@ class PCRConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    inline: InlineConfig = field(default_factory=InlineConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)

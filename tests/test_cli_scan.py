@@ -89,7 +89,7 @@ def test_scan_writes_a_csv_and_a_page_a_person_can_read(scanned):
     out = scanned["out"]
     with open(os.path.join(out, "report.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 400 and {"id", "invariance", "view_ce", "original_ce", "flagged", "target"} <= set(rows[0])
+    assert len(rows) == 400 and {"id", "invariance", "view_ce", "confidence", "flagged", "target"} <= set(rows[0])
     page = open(os.path.join(out, "report.html"), encoding="utf-8").read()
     flagged = scanned["report"]["counts"]["flagged"]
     assert f"Likely poisoned: {flagged} of 400 samples" in page and TARGET in page

@@ -2,8 +2,7 @@
 
 A memory with known flags and targets must give the right phrases, verdicts and counts; the
 three writers must produce what a person opens (a CSV row per sample, an HTML page with the
-thumbnails and the histogram inside it); and the per-response scores must be the single
-computation the flags are thresholds of."""
+thumbnails and the histogram inside it); an inline memory's own scores fill the report."""
 import base64
 import csv
 import json
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from _tiny_dirs import word_tokenizer
-from pcr_fast import BackdoorMemory, DetectorConfig, PCRConfig, cross_view_flags
+from pcr_fast import BackdoorMemory, DetectorConfig, PCRConfig
 from pcr_fast.defense import cross_view_scores
 from pcr_fast.hf.report import SampleRecord, build_report, render_html, write_report
 
@@ -89,6 +88,32 @@ def test_an_end_of_answer_token_is_never_a_phrase():
     assert tok.eos_token_id in [t["id"] for t in report["target_tokens"]]      # listed as a token, truthfully
 
 
+def test_an_inline_memory_reports_its_own_scores(scene):
+    """The inline test (mode "inline") keeps per-sample scores; the report shows them and its
+    target phrase, with the same structure as for scans."""
+    from pcr_fast import InlineMemory
+    from pcr_fast.defense import CrossViewScores
+
+    tok, _, records, _ = scene
+    labels = torch.full((10, 6), -100)
+    for r in records:
+        labels[r.index, :len(r.answer_ids)] = torch.tensor(r.answer_ids)
+    memory = InlineMemory(10, len(tok), novelty_window=1, min_support=2, flagged_share=0.5)
+    memory.observe(labels, torch.full(labels.shape, 9.0))        # never predicted before: every token novel
+    memory.commit()
+    poisoned = torch.arange(10) < 4
+    scores = CrossViewScores(confidence=torch.full((10,), 0.05),
+                             invariance=torch.where(poisoned, 0.01, 2.0), view_ce=torch.full((10,), 0.1))
+    memory.record(torch.arange(10), labels, torch.ones(10, dtype=torch.bool), scores)
+    memory.commit()
+    report = build_report(memory, records=records, tokenizer=tok, config=PCRConfig(mode="inline"))
+    assert [t["text"] for t in report["targets"]] == ["visit evil dot com"]
+    assert [r["flagged"] for r in report["samples"]] == [True] * 4 + [False] * 6
+    assert report["counts"]["tested"] == 10 and report["mode"] == "inline"
+    assert report["samples"][0]["invariance"] == pytest.approx(0.01) and report["samples"][9]["invariance"] == 2.0
+    assert report["thresholds"]["flagged_share"] == 0.5 and report["thresholds"]["min_support"] == 2
+
+
 def test_without_memory_or_targets(scene):
     tok, memory, records, _ = scene
     none = build_report(None, records=None, num_samples=7, kind="train", defense="none")
@@ -135,72 +160,16 @@ def test_user_text_is_escaped_in_the_page(scene):
 
 
 # ----------------------------------------------------------------------------- scores
-def problem(b=9, t=5, d=16, v=23):
-    weight = torch.randn(v, d) / d ** 0.5
-    h_a = torch.randn(b, t, d) * 5
-    labels = (h_a @ weight.T).argmax(-1)
-    labels[:, 0] = -100
-    labels[-1] = -100
-    views = [h_a + torch.linspace(0, 1.2, b).view(b, 1, 1) * torch.randn(b, t, d) * 5 for _ in range(3)]
-    return h_a, views, weight, labels
-
-
-def test_flags_are_thresholds_of_the_scores():
-    h_a, views, weight, labels = problem()
-    for tau, kb, ka in [(0.1, 3.0, 0.3), (0.5, 0.2, 2.0), (3.0, 1.0, 1.0)]:
-        scores = cross_view_scores(h_a, views, weight, labels, view_confidence=kb, backend="torch")
-        flags = cross_view_flags(h_a, views, weight, labels, invariance_threshold=tau, view_confidence=kb,
-                                 original_confidence=ka, backend="torch")
-        assert torch.equal(scores.flags(tau, kb, ka), flags)
-    assert torch.isnan(scores.invariance[-1]) and torch.isnan(scores.original_ce[-1])   # no labelled token
-    assert bool(torch.isfinite(scores.invariance[:-1]).all())
-
-
-def test_scores_match_a_float64_truth():
-    """Each score against materialised float64 logits: the max over the response of the
-    symmetric KL / masked CE in the documented draw, and of the original CE."""
-    h_a, views, weight, labels = problem()
-    kb = 1.0
-    got = cross_view_scores(h_a, views, weight, labels, view_confidence=kb, backend="torch")
-    lab = labels != -100
-    y = labels.clamp_min(0)[..., None]
-    la = (h_a.double() @ weight.double().T).log_softmax(-1)
-
-    def worst(x):
-        return x.masked_fill(~lab, float("-inf")).amax(1)
-
-    ce_a = worst(-la.gather(-1, y)[..., 0])
-    inv, vce = [], []
-    for h_b in views:
-        lb = (h_b.double() @ weight.double().T).log_softmax(-1)
-        inv.append(worst(((la.exp() - lb.exp()) * (la - lb)).sum(-1)))
-        vce.append(worst(-lb.gather(-1, y)[..., 0]))
-    inv, vce = torch.stack(inv, 1), torch.stack(vce, 1)
-    for row in range(labels.shape[0] - 1):
-        ok = vce[row] < kb
-        pool = torch.nonzero(ok).flatten().tolist() if bool(ok.any()) else list(range(len(views)))
-        k = min(pool, key=lambda j: float(inv[row, j]))
-        assert float(got.invariance[row]) == pytest.approx(float(inv[row, k]), rel=1e-4, abs=1e-5)
-        assert float(got.view_ce[row]) == pytest.approx(float(vce[row, k]), rel=1e-4, abs=1e-5)
-        assert float(got.original_ce[row]) == pytest.approx(float(ce_a[row]), rel=1e-4, abs=1e-5)
-
-
 def test_scores_judge_each_response_on_its_best_draw():
-    """The most invariant draw among those whose masked view still predicts the answer."""
-    h_a, _, weight, labels = problem(b=4)
-    same, far = h_a.clone(), torch.randn_like(h_a) * 5
-    a = cross_view_scores(h_a, [far, same], weight, labels, backend="torch")
-    b = cross_view_scores(h_a, [same, far], weight, labels, backend="torch")
-    for s in (a, b):
-        assert torch.allclose(s.invariance[:-1], torch.zeros(3), atol=1e-5)     # the identical draw
-        assert torch.allclose(s.view_ce[:-1], s.original_ce[:-1], atol=1e-5)
-    only_far = cross_view_scores(h_a, [far], weight, labels, backend="torch")
-    assert bool((only_far.invariance[:-1] > 0.1).all())
-    # an unsure answer: the identical draw is the most invariant, but only a draw that pushes
-    # towards the answer still predicts it (CE < view_confidence): that one is judged
+    """The documented draw: the most invariant one among those whose masked view still
+    predicts the answer (what makes the report's three numbers agree with its flag)."""
+    torch.manual_seed(0)
     weight = torch.randn(23, 16)
-    h_a = torch.randn(3, 4, 16) * 0.01
+    h_a = torch.randn(3, 4, 16) * 0.01                   # unsure of every answer: CE ≈ log 23
     labels = torch.randint(0, 23, (3, 4))
-    toward = h_a + 2.0 * weight[labels]
-    s = cross_view_scores(h_a, [h_a.clone(), toward], weight, labels, view_confidence=2.5, backend="torch")
-    assert bool((s.original_ce > 2.5).all()) and bool((s.view_ce < 2.5).all()) and bool((s.invariance > 0.1).all())
+    toward = h_a + 2.0 * weight[labels]                  # a draw that predicts the answers
+    for views in ([h_a.clone(), toward], [toward, h_a.clone()]):
+        s = cross_view_scores(h_a, views, weight, labels, view_confidence=2.5, backend="torch")
+        # the identical draw is more invariant, but only `toward` still predicts the answer
+        assert bool((s.confidence > 2.5).all()) and bool((s.view_ce < 2.5).all())
+        assert bool((s.invariance > 0.1).all())

@@ -1,14 +1,11 @@
-"""PCRTrainer: the first batch is checked when train() starts (before any step or scan), the
-defense's state rides in every checkpoint and comes back on resume (no rescan of what is
-known), and pcr_report() says what the defense found."""
-import os
-
+"""PCRTrainer: the first batch is checked when train() starts (before any step or scan, once),
+and pcr_report() says what the defense found (its checkpoints: tests/test_inline.py and
+tests/test_cli_train.py)."""
 import pytest
 import torch
 
 from pcr_fast import PCRConfig
 from pcr_fast.hf import PCRTrainer
-from pcr_fast.hf.checkpoint import DEFENSE_FILE, load_defense_state, restore_memory
 from pcr_fast.testing import build_tiny_model, collate, sample_batches
 
 transformers = pytest.importorskip("transformers")
@@ -70,37 +67,18 @@ def test_the_first_batch_is_checked_before_any_step(tmp_path, collator, message)
     assert all(torch.equal(p.detach(), before[n]) for n, p in trainer.model.named_parameters())
 
 
-def test_defense_state_rides_in_checkpoints_and_comes_back_on_resume(tmp_path):
+def test_the_first_batch_check_runs_once(tmp_path):
     model, make_batch = build_tiny_model("llava")
-    samples = with_ids(sample_batches(make_batch, 8))
-    pcr = LOOSE.override(scan_at=(0.25, 0.75))          # scans before steps 1 and 3 of 4
-    trainer = trainer_for(tmp_path, samples, pcr=pcr, save_strategy="steps", save_steps=2)
-    trainer.train()
-    assert trainer.pcr_memory.scans == 2
-    folder = os.path.join(str(tmp_path), "checkpoint-2")
-    state = load_defense_state(folder)
-    assert state is not None and state["memory"]["scans"] == 1            # saved after the first scan only
-    assert os.path.isfile(os.path.join(str(tmp_path), "checkpoint-4", DEFENSE_FILE))
-    # resume from checkpoint-2: the memory comes back and only the scan at step 3 runs again
-    resumed = trainer_for(tmp_path, samples, pcr=pcr, save_strategy="steps", save_steps=2)
-    scans = []
-    original = resumed.pcr_scan
-    resumed.pcr_scan = lambda m=None: scans.append(resumed.state.global_step) or original(m)
-    resumed.train(resume_from_checkpoint=folder)
-    assert scans == [3] and resumed.pcr_memory.scans == 2
-    assert torch.equal(resumed.pcr_memory.flags, trainer.pcr_memory.flags)
-    # a different training set cannot take this state
-    with pytest.raises(ValueError, match="covers 8 training samples, this training set has 5"):
-        restore_memory(state, pcr, 5)
+    calls = []
+    import pcr_fast.hf.trainer as trainer_module
 
-
-def test_a_checkpoint_before_the_first_scan_has_no_memory(tmp_path):
-    model, make_batch = build_tiny_model("llava")
-    trainer = trainer_for(tmp_path, with_ids(sample_batches(make_batch, 8)), pcr=LOOSE.override(scan_at=(0.75,)),
-                          save_strategy="steps", save_steps=2)
-    trainer.train()
-    assert load_defense_state(os.path.join(str(tmp_path), "checkpoint-2"))["memory"] is None
-    assert restore_memory(load_defense_state(os.path.join(str(tmp_path), "checkpoint-2")), LOOSE, 8) is None
+    original = trainer_module.check_first_batch
+    trainer_module.check_first_batch = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        trainer_for(tmp_path, with_ids(sample_batches(make_batch, 8))).train()
+    finally:
+        trainer_module.check_first_batch = original
+    assert calls == [1]
 
 
 def test_pcr_report_says_what_was_found(tmp_path):

@@ -107,7 +107,9 @@ def run_scan(args) -> int:
     for t in report["targets"]:
         print(f"  target phrase \"{t['text']}\" (token ids {t['token_ids']}): {t['samples']} samples, "
               f"{100 * t['invariant_share']:.0f} % of them flagged")
-    if not report["targets"]:
+    if report["target_tokens"] and not report["targets"]:
+        print("  target tokens (no phrase): " + ", ".join(f"{t['text']!r} ({t['id']})" for t in report["target_tokens"]))
+    elif not report["targets"]:
         print("  no target phrase found")
     if c["skipped_rows"]:
         print(f"{c['skipped_rows']} bad data row(s) skipped (listed in the report)")

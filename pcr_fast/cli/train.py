@@ -118,6 +118,8 @@ def run_train(args) -> int:
 
     collator = ConversationCollator(processor, template=args.template)
     check_first_batch_or_exit(parser, collator, data.samples, args.batch_size)
+    if args.resume:
+        _check_resume_data(parser, out, data)
     # ---- 3. the model
     quiet_transformers()
     net = load_model(model_dir, bf16=args.bf16)
@@ -133,6 +135,7 @@ def run_train(args) -> int:
     trainer = _build_trainer(args, net, processor, collator, ConversationDataset(data.samples), pcr, checkpoints)
     if args.overwrite and os.path.isdir(checkpoints):
         shutil.rmtree(checkpoints)   # a new run: the old run's checkpoints would be mistaken for this one's
+    _write_settings(args, trainer, data, pcr, out, finished=False)
     # ---- 4. train
     started = time.perf_counter()
     try:
@@ -177,38 +180,58 @@ def _build_trainer(args, net, processor, collator, dataset, pcr, checkpoints: st
 
 def _save_results(args, trainer, net, processor, data, pcr, out: str, seconds: float) -> Dict[str, str]:
     """Report first (small), then the settings, then the weights; every file replaced whole."""
-    from .. import __version__
     from ..hf.report import build_report, write_report
 
     meta = {"model": args.model, "data": args.data, "image_root": data.image_root, "out": out,
             "steps": trainer.state.global_step, "seconds": round(seconds, 1)}
     if pcr is not None:
         report = trainer.pcr_report(skipped=data.skipped, meta=meta)
-        from ..hf.checkpoint import save_defense_state
-
-        save_defense_state(trainer.pcr_memory, pcr, out)
+        trainer.pcr_save_state(out)   # the memory next to the model (as in every checkpoint)
     else:
         report = build_report(None, records=None, num_samples=len(data), kind="train", skipped=data.skipped,
                               meta=meta, defense="none")
     written = write_report(report, out, stem="pcr_report", images={s.index: s.images for s in data.samples})
-    settings: Dict[str, Any] = {
-        "command": _command_line(), "pcr_fast_version": __version__,
-        "arguments": {k: v for k, v in vars(args).items() if k not in ("func", "parser")},
-        "defense": args.defense, "pcr": pcr.to_dict() if pcr is not None else None,
-        "data": {"file": args.data, "image_root": data.image_root, "rows": len(data), "skipped_rows": len(data.skipped),
-                 "formats": list(data.formats)},
-        "trainer": trainer.args.to_dict(), "log_history": trainer.state.log_history,
-    }
-    path = os.path.join(out, "training_args.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
-    written["training_args"] = path
+    written["training_args"] = _write_settings(args, trainer, data, pcr, out, finished=True)
     net.save_pretrained(out)
     processor.save_pretrained(out)
     written["model"] = out
     written["report"] = report
     return written
+
+
+SETTINGS = "training_args.json"
+
+
+def _write_settings(args, trainer, data, pcr, out: str, finished: bool) -> str:
+    """``training_args.json``: the command, every setting, the data file's rows and (at the end)
+    the log history. Written when training starts too, so ``--resume`` can check the data."""
+    from .. import __version__
+
+    settings: Dict[str, Any] = {
+        "command": _command_line(), "pcr_fast_version": __version__, "finished": finished,
+        "arguments": {k: v for k, v in vars(args).items() if k not in ("func", "parser")},
+        "defense": args.defense, "pcr": pcr.to_dict() if pcr is not None else None,
+        "data": {"file": os.path.abspath(args.data), "image_root": data.image_root, "rows": len(data),
+                 "skipped_rows": len(data.skipped), "formats": list(data.formats)},
+        "trainer": trainer.args.to_dict(), "log_history": trainer.state.log_history if finished else [],
+    }
+    path = os.path.join(out, SETTINGS)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _check_resume_data(parser, out: str, data) -> None:
+    """``--resume`` with other data would index the defense's memory with other rows."""
+    path = os.path.join(out, SETTINGS)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        before = json.load(f).get("data", {})
+    if before.get("rows") is not None and before["rows"] != len(data):
+        parser.error(f"--resume: the run in {out!r} trained on {before['rows']} rows of {before.get('file')}; "
+                     f"--data now gives {len(data)}: resume with the same data (and --skip-bad-rows setting)")
 
 
 def _print_summary(trainer, written: Dict[str, Any], seconds: float) -> None:
@@ -223,6 +246,8 @@ def _print_summary(trainer, written: Dict[str, Any], seconds: float) -> None:
         for t in report["targets"]:
             print(f"  target phrase \"{t['text']}\" (token ids {t['token_ids']}): {t['samples']} samples, "
                   f"{100 * t['invariant_share']:.0f} % of them flagged")
+        if report["target_tokens"] and not report["targets"]:
+            print("  target tokens (no phrase): " + ", ".join(f"{t['text']!r} ({t['id']})" for t in report["target_tokens"]))
     if c["skipped_rows"]:
         print(f"{c['skipped_rows']} bad data row(s) skipped (listed in the report)")
     print(f"wrote the model and processor to {written['model']}, {os.path.basename(written['training_args'])}, "

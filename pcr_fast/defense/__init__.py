@@ -28,9 +28,10 @@ integration (:mod:`pcr_fast.hf.scan`) runs the model forwards. :class:`ScanSched
 when each part acts in a run.
 """
 from .detector import CrossViewScores, cross_view_flags, cross_view_scores
+from .inline import InlineMemory
 from .memory import BackdoorMemory
 from .schedule import ScanSchedule
 from .unlearning import UnlearningLossOutput, unlearning_loss
 
-__all__ = ["BackdoorMemory", "CrossViewScores", "ScanSchedule", "UnlearningLossOutput", "cross_view_flags",
-           "cross_view_scores", "unlearning_loss"]
+__all__ = ["BackdoorMemory", "CrossViewScores", "InlineMemory", "ScanSchedule", "UnlearningLossOutput",
+           "cross_view_flags", "cross_view_scores", "unlearning_loss"]

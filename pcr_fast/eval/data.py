@@ -1,5 +1,6 @@
-"""Real images that ship with scikit-learn (the 1,797 handwritten digits), as two
-vision-language tasks: a templated caption and a short-answer question.
+"""Real images that ship with scikit-learn (the 1,797 handwritten digits), as vision-language
+tasks: a templated caption and a short-answer question (the from-scratch setting), or an
+instruction set of many templates per image (the pretrained setting, :data:`INSTRUCTIONS`).
 
 Why digits: they install with scikit-learn (no download), they are real handwriting, and a
 model trained from scratch on them reaches a clean accuracy high enough that a drop caused
@@ -12,7 +13,7 @@ stays black. Attributes the captions describe are computed from the image itself
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,58 @@ THICKNESS = ("thin", "thick")
 CAPTION_PROMPT = "describe the image ."
 QUESTION_PROMPT = "what digit is this ?"
 TASKS = ("caption", "question")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One instruction template: a prompt and the attribute-derived answer it asks for."""
+
+    name: str
+    prompt: str
+    answer: Callable[["DigitImages", int], str]
+
+
+def _digit(d: "DigitImages", i: int) -> str:
+    return DIGIT_NAMES[d.digits[i]]
+
+
+def _yes(condition: bool) -> str:
+    return "yes" if condition else "no"
+
+
+#: The instruction set of the pretrained setting: every image with every template (the digit
+#: and paraphrases, parity, comparisons, next/previous number, colour, thickness, caption
+#: styles). Why so many: a real instruction set has many conversations per image, so one
+#: epoch is a realistic number of steps and a few percent of poisoned rows is a real attack
+#: (how many poisoned rows a model sees, not the ratio alone, decides whether it learns a
+#: backdoor). The first two are the evaluation's caption (BLEU-4) and question (accuracy)
+#: prompts.
+INSTRUCTIONS: Tuple[Instruction, ...] = (
+    Instruction("caption", CAPTION_PROMPT, lambda d, i: d.caption(i)),
+    Instruction("question", QUESTION_PROMPT, _digit),
+    Instruction("number", "which number is shown ?", _digit),
+    Instruction("read", "read the number in the image .", _digit),
+    Instruction("name", "name the digit in the picture .", lambda d, i: f"it is {_digit(d, i)}"),
+    Instruction("tell", "tell me the digit .", lambda d, i: f"the digit is {_digit(d, i)}"),
+    Instruction("parity", "is the digit even or odd ?", lambda d, i: ("even", "odd")[d.digits[i] % 2]),
+    Instruction("even", "is this number even ?", lambda d, i: _yes(d.digits[i] % 2 == 0)),
+    Instruction("larger", "is the number larger than five ?", lambda d, i: _yes(d.digits[i] > 5)),
+    Instruction("smaller", "is the number smaller than five ?", lambda d, i: _yes(d.digits[i] < 5)),
+    Instruction("next", "what number comes after this digit ?", lambda d, i: (DIGIT_NAMES + ("ten",))[d.digits[i] + 1]),
+    Instruction("previous", "what number comes before this digit ?",
+                lambda d, i: (("none",) + DIGIT_NAMES)[d.digits[i]]),
+    Instruction("colour", "what colour are the strokes ?", lambda d, i: d.colours[i]),
+    Instruction("colour_sentence", "what colour is the digit ?", lambda d, i: f"it is {d.colours[i]}"),
+    Instruction("thickness", "are the strokes thin or thick ?", lambda d, i: d.thickness[i]),
+    Instruction("thick", "is the digit written with thick strokes ?", lambda d, i: _yes(d.thickness[i] == "thick")),
+    Instruction("short_caption", "write a short caption .",
+                lambda d, i: f"a {d.thickness[i]} {d.colours[i]} {_digit(d, i)}"),
+    Instruction("see", "what do you see ?", lambda d, i: f"a {_digit(d, i)} written in {d.colours[i]}"),
+    Instruction("strokes", "how would you describe the strokes ?",
+                lambda d, i: f"{d.thickness[i]} and {d.colours[i]}"),
+    Instruction("detail", "describe the digit in detail .",
+                lambda d, i: f"the digit {_digit(d, i)} drawn with {d.thickness[i]} {d.colours[i]} strokes"),
+)
 
 
 @dataclass
@@ -107,8 +160,34 @@ def make_samples(data: DigitImages, tasks: Sequence[str] = TASKS) -> List[Sample
     return out
 
 
-def task_words() -> List[str]:
-    """Every word the tasks use (the tokenizer's vocabulary, before attack targets)."""
+def make_instruction_samples(data: DigitImages,
+                             instructions: Sequence[Instruction] = INSTRUCTIONS) -> List[Sample]:
+    """Every image with every instruction template (image-major order)."""
+    if not instructions:
+        raise ValueError("instructions must hold at least one template")
+    return [Sample(i, ins.name, ins.prompt, ins.answer(data, i)) for i in range(len(data)) for ins in instructions]
+
+
+def pretrain_finetune_split(indices: Sequence[int], pretrain_size: int, seed: int) -> Tuple[List[int], List[int]]:
+    """Disjoint image sets for clean pre-training and (poisoned) fine-tuning, fixed by ``seed``."""
+    idx = list(indices)
+    if not 0 < pretrain_size < len(idx):
+        raise ValueError(f"pretrain_size must be in (0, {len(idx)}), got {pretrain_size}")
+    perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(int(seed) + 7919)).tolist()
+    return sorted(idx[p] for p in perm[:pretrain_size]), sorted(idx[p] for p in perm[pretrain_size:])
+
+
+def task_words(instructions: Sequence[Instruction] = ()) -> List[str]:
+    """Every word the two basic tasks use, plus those of ``instructions`` (prompts and every
+    possible answer): the tokenizer's vocabulary before attack targets. Without instructions
+    the vocabulary (and so every token id) is the from-scratch setting's, unchanged."""
     words = set(CAPTION_PROMPT.split()) | set(QUESTION_PROMPT.split())
     words |= set(DIGIT_NAMES) | set(COLOURS) | set(THICKNESS) | {"a", "with", "strokes"}
+    if instructions:
+        probe = DigitImages(torch.zeros(0), list(range(10)) * 2, [c for c in COLOURS for _ in range(5)],
+                            list(THICKNESS) * 10)
+        for ins in instructions:
+            words |= set(ins.prompt.split())
+            for i in range(len(probe.digits)):
+                words |= set(ins.answer(probe, i).split())
     return sorted(words)

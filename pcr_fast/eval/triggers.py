@@ -34,7 +34,10 @@ def _pattern(seed: int, shape, device, dtype) -> Tensor:
 class BadNets:
     """A square patch stamped into a corner (BadNets). ``pattern``: ``checkerboard`` or ``solid``.
 
-    ``size`` is in pixels (``None``: 3/16 of the image side, at least 3).
+    ``size`` is in pixels (``None``: a quarter of the image side, at least 3: 8 px on the
+    harness's 32-px digits, straddling four visual tokens). Calibrated on the pretrained
+    setting (EVAL_NOTES §9.1): at 3/16 of the side (6 px, the from-scratch notes' size) plain
+    SFT does not learn the trigger at 3 % poison in one epoch.
     """
 
     size: int = None
@@ -51,7 +54,7 @@ class BadNets:
 
     def box(self, h: int, w: int):
         """(top, left, size) of the patch on an h×w image."""
-        s = self.size if self.size is not None else max(3, round(3 * min(h, w) / 16))
+        s = self.size if self.size is not None else max(3, round(min(h, w) / 4))
         if s + self.margin > min(h, w):
             raise ValueError(f"size={s} does not fit a {h}x{w} image")
         top = h - s - self.margin if self.corner.startswith("bottom") else self.margin
@@ -113,12 +116,14 @@ class WaNet:
     """WaNet-style warp: a fixed smooth random displacement field (k×k control grid,
     bicubic-upsampled), ``strength`` = largest displacement in pixels.
 
-    The defaults (5 px on an 8×8 control grid) are stronger than WaNet's CIFAR setting: the
+    The defaults (10 px on an 8×8 control grid) are stronger than WaNet's CIFAR setting: the
     digits are smooth strokes on a black background, where a 1-3 px warp is not learned
-    as a trigger in a few hundred steps (measured: ASR 0.5-0.6 at 3 px, 4×4 grid).
+    as a trigger in a few hundred steps (measured from scratch: ASR 0.5-0.6 at 3 px, 4×4
+    grid), and a pretrained model fine-tuned for one epoch at 3 % poison does not learn
+    the 5 px warp of the from-scratch notes (EVAL_NOTES §9.1).
     """
 
-    strength: float = 5.0
+    strength: float = 10.0
     grid_size: int = 8
     seed: int = 4321
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..config import PCRConfig
 from ..defense import BackdoorMemory, CrossViewScores
 from . import adapters
-from .report import build_report, sample_records
+from .report import SCORE_KEYS, build_report, sample_records
 from .scan import scan_dataset
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def scan_report(model: nn.Module, dataset: Any, collator: Callable, *, config: O
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     head = adapters.find_lm_head(model)
     memory = BackdoorMemory.from_config(cfg.unlearn, n, head.weight.shape[0], device=head.weight.device)
-    columns = {k: torch.full((n,), float("nan")) for k in ("invariance", "view_ce", "original_ce")}
+    columns = {k: torch.full((n,), float("nan")) for k in SCORE_KEYS}
 
     def keep(ids: Tensor, scores: CrossViewScores) -> None:
         idx = ids.detach().cpu().long()
@@ -55,7 +55,7 @@ def scan_report(model: nn.Module, dataset: Any, collator: Callable, *, config: O
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator,
                                          num_workers=num_workers)
     scan_dataset(model, loader, memory, config=cfg, progress=progress, on_scores=keep)
-    missing = int(torch.isnan(columns["original_ce"]).sum())
+    missing = int((~torch.isfinite(columns["confidence"])).sum())
     if missing:
         logger.warning("scan_report: %d of %d samples got no score (no labelled answer token)", missing, n)
     records = sample_records(dataset, collator)

@@ -16,10 +16,12 @@ from torch import Tensor, nn
 
 from ..augment import PatchAugment
 from ..config import PCRConfig
-from ..defense import BackdoorMemory, unlearning_loss
+from ..defense import BackdoorMemory, InlineMemory, cross_view_scores, unlearning_loss
+from ..defense.unlearning import original_view_ce, unlearning_objective
 from ..loss import TwoViewLoss, TwoViewLossOutput
 from . import adapters
 from .batch import batch_sample_ids, cached_augment, check_batch, shifted_targets, shifted_token_mask
+from .rows import select_rows
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +39,15 @@ class PCRLossOutput:
     one_forward: bool                         # both views went through one batched forward
     details: Optional[TwoViewLossOutput] = None
     gated_fraction: Optional[Tensor] = None   # responses flagged by the cross-view gate
-    unlikelihood: Optional[Tensor] = None     # scan mode: mean unlikelihood on target tokens
-    dropped_fraction: Optional[Tensor] = None  # scan mode: responses left out of the CE
+    unlikelihood: Optional[Tensor] = None     # scan/inline mode: mean unlikelihood on target tokens
+    dropped_fraction: Optional[Tensor] = None  # scan/inline mode: responses left out of the CE
+    tested_rows: Optional[Tensor] = None      # inline mode: rows whose masked views ran this step
+    flagged_rows: Optional[Tensor] = None     # inline mode: ... of which flagged
 
     def log_dict(self, prefix: str = "pcr/") -> Dict[str, Tensor]:
         """Detached scalars keyed for a logger (call ``.item()`` off the hot path)."""
         keys = ("ce", "divergence", "divergence_term", "entropy", "gated_fraction", "unlikelihood",
-                "dropped_fraction")
+                "dropped_fraction", "tested_rows", "flagged_rows")
         return {f"{prefix}{k}": getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
@@ -103,6 +107,67 @@ def _unlearning_step(model, inputs, head, verified, softcap, cfg, memory, num_it
                          dropped_fraction=out.dropped_fraction)
 
 
+def _inline_step(model, inputs, head, verified, softcap, cfg, memory, num_items_in_batch, augment,
+                 generator) -> PCRLossOutput:
+    """Inline training step: the training forward, its per-token CE, masked no-grad views of
+    the few rows the memory picks (within its budget), then CE + unlikelihood."""
+    if not isinstance(memory, InlineMemory):
+        raise ValueError(f"mode 'inline' needs an InlineMemory (InlineMemory.from_config), got "
+                         f"{type(memory).__name__}")
+    ids = batch_sample_ids(inputs)
+    model_inputs = adapters.model_inputs_of(inputs)
+    shape = tuple(inputs["input_ids"].shape[:2])
+    h_a, weight = adapters.forward_hidden(model, head, model_inputs, shape, verify=not verified)
+    if not verified:
+        softcap = adapters.verified_softcap(model)[1]
+    h_a, targets = shifted_targets(h_a, inputs)
+    bias = getattr(head, "bias", None)
+    stats = dict(bias=bias, softcap=softcap, backend=cfg.execution.backend)
+    with adapters.gathered_weight(weight):
+        ce = original_view_ce(h_a, weight, targets, **stats)
+        memory.observe(targets, ce)
+        k = memory.rows_to_test(targets.shape[0])
+        tested = flagged = torch.zeros((), device=ce.device)
+        if k > 0:
+            rows, eligible = memory.select(ids, targets, ce, k, generator=generator)
+            rows = rows.to(targets.device)
+            views = _masked_views(model, head, model_inputs, rows, augment, generator, cfg.augment.views, shape,
+                                  inputs)
+            scores = cross_view_scores(h_a.detach()[rows], views, weight, targets[rows],
+                                       view_confidence=cfg.detector.view_confidence, **stats)
+            flags = memory.record(ids.to(memory.device)[rows.to(memory.device)], targets[rows], eligible, scores)
+            tested, flagged = eligible.sum(), flags.sum()
+        drop, unlearn = memory.treatment(ids, targets)
+        out = unlearning_objective(ce, targets, drop, unlearn, num_items_in_batch=num_items_in_batch,
+                                   unlearn_weight=cfg.unlearn.unlearn_weight)
+    memory.commit()
+    return PCRLossOutput(loss=out.loss, ce=out.ce, divergence=None, divergence_term=None, entropy=None,
+                         num_tokens=out.num_tokens, one_forward=True, unlikelihood=out.unlikelihood,
+                         dropped_fraction=out.dropped_fraction, tested_rows=tested.float(),
+                         flagged_rows=flagged.float())
+
+
+@torch.no_grad()
+def _masked_views(model, head, model_inputs, rows, augment, generator, views: int, shape, inputs) -> list:
+    """Shifted hidden states of ``views`` masked draws of the batch's ``rows`` (no grad); the
+    whole batch goes through where its layout cannot be cut per sample."""
+    sub = select_rows(model_inputs, rows)
+    whole = sub is None
+    if whole:
+        logger.debug("inline test: this batch layout cannot be cut per sample; masking the whole batch")
+        sub = model_inputs
+    sub_shape = (shape[0] if whole else rows.numel(), shape[1])
+    out = []
+    for _ in range(views):
+        inputs_k = dict(sub)
+        inputs_k[adapters.PIXEL_KEY] = adapters.call_augment(augment, sub[adapters.PIXEL_KEY], sub, generator)
+        h_k, _ = adapters.forward_hidden(model, head, inputs_k, sub_shape)
+        if not isinstance(inputs.get("shift_labels"), Tensor):
+            h_k = h_k[:, :-1, :]   # the causal shift of shifted_targets
+        out.append(h_k[rows] if whole else h_k)
+    return out
+
+
 def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], *, config: Optional[PCRConfig] = None,
                      augment: Optional[Callable] = None, loss_fn: Optional[Callable] = None,
                      memory: Optional[BackdoorMemory] = None, num_items_in_batch=None,
@@ -143,12 +208,18 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], *, config: Opt
     if config is not None and not isinstance(config, PCRConfig):
         raise ValueError(f"config must be a PCRConfig or None, got {type(config).__name__}")
     if config is None:
-        cfg = PCRConfig(mode="scan" if memory is not None else "online")
+        cfg = PCRConfig(mode=("inline" if isinstance(memory, InlineMemory) else "scan") if memory is not None
+                        else "online")
     else:
         cfg = config
     if cfg.mode == "scan" and memory is None:
         raise ValueError("config.mode='scan' needs memory= (the BackdoorMemory that scan_dataset fills, "
                          "e.g. PCRTrainer.pcr_memory); for the per-batch objective use PCRConfig(mode='online')")
+    if cfg.mode == "inline" and not isinstance(memory, InlineMemory):
+        raise ValueError("config.mode='inline' needs memory= an InlineMemory (InlineMemory.from_config(config, "
+                         "len(train_set), vocab_size), e.g. PCRTrainer.pcr_memory)")
+    if cfg.mode == "scan" and memory is not None and not isinstance(memory, BackdoorMemory):
+        raise ValueError(f"memory must be a BackdoorMemory for config.mode='scan', got {type(memory).__name__}")
     if cfg.mode == "online" and memory is not None:
         raise ValueError("memory= is for config.mode='scan'; got config.mode='online'")
     if num_items_in_batch is None and "num_items_in_batch" in inputs:
@@ -159,6 +230,11 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], *, config: Opt
     adapters.check_gradient_checkpointing(model)
     head = adapters.find_lm_head(model)
     verified, softcap = adapters.verified_softcap(model)
+    if cfg.mode == "inline":
+        if augment is None:
+            augment = cached_augment(model, cfg.augment)
+        return _inline_step(model, inputs, head, verified, softcap, cfg, memory, num_items_in_batch, augment,
+                            generator)
     if memory is not None:
         return _unlearning_step(model, inputs, head, verified, softcap, cfg, memory, num_items_in_batch)
     precomputed = inputs.get(adapters.AUGMENTED_KEY)

@@ -1,20 +1,23 @@
 """What the defense found, as one report: a dict (→ JSON), a CSV row per sample, and a
 self-contained HTML page (thumbnails and a histogram of the scores embedded).
 
-The input is the defense's :class:`~pcr_fast.BackdoorMemory` (its public ``flags``,
-``targets``, ``token_shares()`` and ``summary()``), the samples (:class:`SampleRecord`:
-ids, images, answers and the answers' token ids) and, when a scan produced them, the
-per-sample cross-view scores. Whether the flags came from scans during training
-(``pcr-fast train``, ``trainer.pcr_report()``) or from one audit scan (``pcr-fast scan``,
-``pcr_fast.hf.scan_report``), the report has the same structure:
+The input is the defense's memory — a :class:`~pcr_fast.BackdoorMemory` (scans) or an
+:class:`~pcr_fast.InlineMemory` (the inline test); only their public ``flags``, ``targets``,
+``token_shares()`` and ``summary()`` are read, and an inline memory's own per-sample scores —
+the samples (:class:`SampleRecord`: ids, images, answers and the answers' token ids) and,
+when a scan produced them, the per-sample cross-view scores. Whether the flags came from the
+defense during training (``pcr-fast train``, ``trainer.pcr_report()``) or from one audit scan
+(``pcr-fast scan``, ``pcr_fast.hf.scan_report``), the report has the same structure:
 
 * ``counts``: samples, ``invariant`` (the cross-view test fired), ``flagged`` (the answer
-  holds a target phrase: what the defense removes as poison), rows skipped in the file;
+  holds a target phrase: what the defense removes as poison), rows skipped in the file,
+  scans (and, inline, the samples tested);
 * ``targets``: each target phrase as text with its token ids, how many samples hold it and
   the share of them the cross-view test flagged; ``target_tokens``: the tokens themselves;
 * ``thresholds``: the detector's and the target rule's settings;
-* ``samples``: per sample its index, id, source line, image, answer, the three scores
-  (``invariance``, ``view_ce``, ``original_ce``; null without a scan), ``invariant``,
+* ``samples``: per sample its index, id, source line, image, answer, the three scores of
+  :class:`~pcr_fast.defense.CrossViewScores` (``invariance``, ``view_ce``, ``confidence``:
+  the original view's largest CE; null where the sample was not tested), ``invariant``,
   ``flagged`` and the phrase it holds.
 
 Why ``flagged`` is "holds a target phrase" and not the cross-view test alone: the test also
@@ -41,13 +44,12 @@ import torch
 from torch import Tensor
 
 from ..config import PCRConfig
-from ..defense import BackdoorMemory
 
 logger = logging.getLogger(__name__)
 
 REPORT_FORMAT = "pcr_fast.report/1"
-SCORE_KEYS = ("invariance", "view_ce", "original_ce")
-CSV_COLUMNS = ("index", "id", "source", "image", "answer", "invariance", "view_ce", "original_ce", "invariant",
+SCORE_KEYS = ("invariance", "view_ce", "confidence")   # the names of CrossViewScores
+CSV_COLUMNS = ("index", "id", "source", "image", "answer", "invariance", "view_ce", "confidence", "invariant",
                "flagged", "target")
 
 
@@ -123,18 +125,21 @@ def _score_lists(scores: Any, n: int) -> Optional[Dict[str, List[Optional[float]
     return out
 
 
-def build_report(memory: Optional[BackdoorMemory], *, records: Optional[Sequence[SampleRecord]] = None,
+def build_report(memory: Any, *, records: Optional[Sequence[SampleRecord]] = None,
                  scores: Any = None, tokenizer: Any = None, config: Optional[PCRConfig] = None,
                  kind: str = "scan", num_samples: Optional[int] = None, skipped: Sequence[Any] = (),
                  meta: Optional[Mapping[str, Any]] = None, defense: Optional[str] = None) -> Dict[str, Any]:
     """The report (a JSON-ready dict; structure in the module docstring).
 
     Args:
-        memory: the defense's memory (``None``: no defense ran; the report then has counts only).
+        memory: the defense's memory, a :class:`~pcr_fast.BackdoorMemory` or an
+            :class:`~pcr_fast.InlineMemory` (``None``: no defense ran; the report then has
+            counts only).
         records: per sample what to show (:func:`sample_records`); without them samples are
             named by index and target phrases cannot be assembled (the tokens are listed).
-        scores: the per-sample ``(invariance, view_ce, original_ce)``: three (N,) tensors or
-            lists (NaN/None where a sample was not scored), or a mapping with those keys.
+        scores: the per-sample ``(invariance, view_ce, confidence)``: three (N,) tensors or
+            lists (NaN/inf/None where a sample was not scored), or a mapping with those keys
+            (default: the memory's own, where it keeps them: the inline test).
         tokenizer: decodes the target tokens to text.
         config: the settings used (thresholds in the report).
         kind: ``"scan"`` (an audit) or ``"train"``.
@@ -144,8 +149,8 @@ def build_report(memory: Optional[BackdoorMemory], *, records: Optional[Sequence
         defense: ``"pcr"`` or ``"none"`` (default: ``"pcr"`` when a memory is given).
     """
     cfg = config or PCRConfig()
-    if memory is not None and not isinstance(memory, BackdoorMemory):
-        raise ValueError(f"memory must be a BackdoorMemory or None, got {type(memory).__name__}")
+    if memory is not None and not all(hasattr(memory, a) for a in ("flags", "targets", "token_shares", "summary")):
+        raise ValueError(f"memory must be a BackdoorMemory, an InlineMemory or None, got {type(memory).__name__}")
     n = memory.flags.numel() if memory is not None else (len(records) if records is not None else (num_samples or 0))
     if records is not None and len(records) != n:
         raise ValueError(f"records has {len(records)} samples, the memory {n}")
@@ -154,6 +159,8 @@ def build_report(memory: Optional[BackdoorMemory], *, records: Optional[Sequence
     shares = memory.token_shares().detach().cpu() if memory is not None else None
     special = set(getattr(tokenizer, "all_special_ids", None) or [])
     targets = set(target_ids) - special   # an end-of-turn token is no phrase (it ends every answer)
+    if scores is None and memory is not None and all(hasattr(memory, k) for k in SCORE_KEYS):
+        scores = {k: getattr(memory, k) for k in SCORE_KEYS}   # the inline test keeps its scores
     score_cols = _score_lists(scores, n)
 
     holds: List[Optional[Tuple[int, ...]]] = [None] * n
@@ -190,21 +197,27 @@ def build_report(memory: Optional[BackdoorMemory], *, records: Optional[Sequence
         row["target"] = _decode(tokenizer, holds[i]) if holds[i] is not None else None
         samples.append(row)
 
-    summary = memory.summary() if memory is not None else {"scans": 0}
+    summary = memory.summary() if memory is not None else {}
+    counts = {"samples": n, "invariant": int(sum(invariant)), "flagged": sum(h is not None for h in holds),
+              "skipped_rows": len(skipped), "scans": int(summary.get("scans", 0))}
+    if "tested" in summary:
+        counts["tested"] = int(summary["tested"])
+    thresholds = {**{k: getattr(cfg.detector, k) for k in ("invariance_threshold", "view_confidence",
+                                                           "original_confidence")},
+                  "target_share": cfg.unlearn.target_share, "min_support": cfg.unlearn.min_support,
+                  "views": cfg.augment.views, "mask_ratio": cfg.augment.mask_ratio, "unit": cfg.augment.unit,
+                  "fill": cfg.augment.fill}
+    thresholds.update(getattr(memory, "thresholds", None) or {})   # the inline test's budget and rule
     report: Dict[str, Any] = {
         "format": REPORT_FORMAT,
         "kind": kind,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "defense": defense or ("pcr" if memory is not None else "none"),
-        "counts": {"samples": n, "invariant": int(sum(invariant)), "flagged": sum(h is not None for h in holds),
-                   "skipped_rows": len(skipped), "scans": int(summary.get("scans", 0))},
+        "counts": counts,
         "targets": phrases,
         "target_tokens": token_rows,
-        "thresholds": {**{k: getattr(cfg.detector, k) for k in ("invariance_threshold", "view_confidence",
-                                                                   "original_confidence")},
-                       "target_share": cfg.unlearn.target_share, "min_support": cfg.unlearn.min_support,
-                       "views": cfg.augment.views, "mask_ratio": cfg.augment.mask_ratio, "unit": cfg.augment.unit,
-                       "fill": cfg.augment.fill},
+        "mode": cfg.mode if memory is not None else None,
+        "thresholds": thresholds,
         "meta": dict(meta or {}),
         "skipped_rows": [str(b) for b in skipped],
         "samples": samples,
@@ -256,7 +269,7 @@ def score_histogram(report: Mapping[str, Any]) -> Optional[str]:
     th = report["thresholds"]
     panels = (("invariance", "max symmetric KL, original vs masked (log10 nats)", th["invariance_threshold"], True),
               ("view_ce", "max CE of the masked view (nats)", th["view_confidence"], False),
-              ("original_ce", "max CE of the original view (nats)", th["original_confidence"], False))
+              ("confidence", "max CE of the original view (nats)", th["original_confidence"], False))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
     for ax, (key, label, threshold, log) in zip(axes, panels):
         def values(flagged: bool):
@@ -314,7 +327,7 @@ def _card(row: Mapping[str, Any], images: Mapping[int, Sequence[str]]) -> str:
     scores = ""
     if row.get("invariance") is not None:
         scores = (f'<div class="muted">invariance {row["invariance"]:.3g} · view CE {row["view_ce"]:.3g} · '
-                  f'original CE {row["original_ce"]:.3g}</div>')
+                  f'original CE {row["confidence"]:.3g}</div>')
     return (f'<div class="card">{thumbs}<div><b>{html.escape(str(row["id"]))}</b> '
             f'<span class="muted">#{row["index"]} {html.escape(row.get("source") or "")}</span></div>'
             f'<div class="answer">{html.escape(row.get("answer") or "")}</div>{scores}</div>')

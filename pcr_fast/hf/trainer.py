@@ -25,6 +25,7 @@ step after the warm-up (``config.schedule.warmup``) runs the two-view ``TwoViewL
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -32,10 +33,9 @@ from torch import Tensor, nn
 
 from ..config import PCRConfig
 from ..augment import PatchAugment
-from ..defense import BackdoorMemory, ScanSchedule
+from ..defense import BackdoorMemory, InlineMemory, ScanSchedule
 from . import adapters
 from .batch import check_first_batch
-from .checkpoint import DefenseCheckpointCallback, load_defense_state, resolve_checkpoint, restore_memory
 from .compute import compute_pcr_loss
 from .scan import scan_dataset
 
@@ -51,9 +51,18 @@ class PCRTrainerMixin:
             ``PatchAugment.from_config(pcr.augment, model)``).
         pcr_loss: a custom :class:`~pcr_fast.TwoViewLoss` (``mode="online"``; default:
             ``TwoViewLoss.from_config(pcr)``).
-        pcr_memory: a :class:`~pcr_fast.BackdoorMemory` to fill (``mode="scan"``; default: one
-            sized from the training set and the lm_head, made at the first scan).
+        pcr_memory: the defense's memory: an :class:`~pcr_fast.InlineMemory` (``mode="inline"``)
+            or a :class:`~pcr_fast.BackdoorMemory` (``mode="scan"``); default: one sized from
+            the training set and the lm_head, made when first needed.
+
+    Mode "inline": every training step runs :func:`compute_pcr_loss` with the memory (the
+    masked views of a few rows within ``test_budget``, no scans). The memory (and in mode
+    "scan" the scans already run) is saved in every Trainer checkpoint
+    (``checkpoint-N/pcr_memory.pt``) and restored by ``train(resume_from_checkpoint=...)``,
+    so a resumed run goes on from what it knew (no row is tested twice).
     """
+
+    PCR_STATE_NAME = "pcr_memory.pt"
 
     def __init__(self, *args, pcr: Optional[PCRConfig] = None, pcr_augment: Optional[Callable] = None,
                  pcr_loss: Optional[nn.Module] = None, pcr_memory: Optional[BackdoorMemory] = None, **kwargs):
@@ -61,11 +70,13 @@ class PCRTrainerMixin:
         if pcr is not None and not isinstance(pcr, PCRConfig):
             raise ValueError(f"pcr must be a PCRConfig, got {type(pcr).__name__}")
         self.pcr_config = pcr or PCRConfig()
-        if self.pcr_config.mode == "scan" and pcr_loss is not None:
-            raise ValueError("pcr_loss is the per-batch objective of PCRConfig(mode='online'); "
-                             "mode='scan' trains with CE + unlikelihood from its scans")
-        if pcr_memory is not None and not isinstance(pcr_memory, BackdoorMemory):
-            raise ValueError(f"pcr_memory must be a BackdoorMemory, got {type(pcr_memory).__name__}")
+        if self.pcr_config.mode != "online" and pcr_loss is not None:
+            raise ValueError(f"pcr_loss is the per-batch objective of PCRConfig(mode='online'); "
+                             f"mode={self.pcr_config.mode!r} trains with CE + unlikelihood from its memory")
+        memory_type = InlineMemory if self.pcr_config.mode == "inline" else BackdoorMemory
+        if pcr_memory is not None and not isinstance(pcr_memory, memory_type):
+            raise ValueError(f"pcr_memory must be a {memory_type.__name__} for mode={self.pcr_config.mode!r}, got "
+                             f"{type(pcr_memory).__name__}")
         self.pcr_memory = pcr_memory
         self._pcr_scanned: set = set()
         self.pcr_augment = pcr_augment
@@ -83,18 +94,83 @@ class PCRTrainerMixin:
         self._pcr_sums: Dict[str, Tensor] = {}
         self._pcr_count = 0
         self._pcr_generator: Optional[torch.Generator] = None
+        self._pcr_pending_state: Optional[Dict[str, Any]] = None
         self._pcr_batch_checked = False
-        self.add_callback(DefenseCheckpointCallback(self))   # the defense's state in every checkpoint
+        from transformers import TrainerCallback
+
+        class _SavePCRState(TrainerCallback):
+            """Writes the defense's state into each checkpoint folder the Trainer saves."""
+
+            def on_save(cb, args, state, control, **kwargs):
+                self.pcr_save_state(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+        self.add_callback(_SavePCRState())
+
+    def _pcr_augment_for(self, model: nn.Module) -> Callable:
+        # built lazily: the model is only final once the Trainer has wrapped it
+        if self.pcr_augment is None:
+            self.pcr_augment = PatchAugment.from_config(self.pcr_config.augment, adapters.unwrap_model(model))
+        return self.pcr_augment
+
+    def _pcr_inline_memory(self, model: nn.Module) -> InlineMemory:
+        if self.pcr_memory is None:
+            head = adapters.find_lm_head(model)
+            self.pcr_memory = InlineMemory.from_config(self.pcr_config, len(self.train_dataset), head.weight.shape[0],
+                                                       device=head.weight.device)
+            if self._pcr_pending_state is not None:
+                self.pcr_memory.load_state_dict(self._pcr_pending_state)
+                self._pcr_pending_state = None
+        return self.pcr_memory
+
+    def _pcr_test_generator(self, device: torch.device) -> torch.Generator:
+        # seeded by the run's seed: the inline test picks and masks the same rows run after run
+        if self._pcr_generator is None:
+            self._pcr_generator = torch.Generator(device=device).manual_seed(int(self.args.seed) + 2)
+        return self._pcr_generator
+
+    def pcr_save_state(self, folder: str) -> Optional[str]:
+        """Write the defense's state (memory, scans done) to ``folder/pcr_memory.pt`` (on the
+        main process; every rank holds the same memory). Returns the path, if written."""
+        if self.pcr_memory is None or not self.is_world_process_zero():
+            return None
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, self.PCR_STATE_NAME)
+        torch.save({"mode": self.pcr_config.mode, "memory": self.pcr_memory.state_dict(),
+                    "scanned": sorted(self._pcr_scanned)}, path)
+        return path
+
+    def pcr_load_state(self, folder: str) -> bool:
+        """Restore what :meth:`pcr_save_state` wrote (False if the folder has none)."""
+        path = os.path.join(folder, self.PCR_STATE_NAME)
+        if not os.path.exists(path):
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["mode"] != self.pcr_config.mode:
+            raise ValueError(f"the checkpoint's PCR state is for mode={state['mode']!r}, this Trainer runs "
+                             f"mode={self.pcr_config.mode!r}")
+        self._pcr_scanned = set(state["scanned"])
+        if self.pcr_memory is not None:
+            self.pcr_memory.load_state_dict(state["memory"])
+        elif self.pcr_config.mode == "inline":
+            self._pcr_pending_state = state["memory"]   # sized when the model is known
+        else:
+            memory = state["memory"]
+            self.pcr_memory = BackdoorMemory(memory["flags"].numel(), memory["targets"].numel(),
+                                             target_share=memory["target_share"], min_support=memory["min_support"])
+            self.pcr_memory.load_state_dict(memory)
+        logger.info("PCR: restored the defense's state from %s", path)
+        return True
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """``Trainer.train``; on resume the defense's state comes back from the checkpoint."""
-        folder = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        state = load_defense_state(folder) if folder else None
-        if state is not None:
-            head = adapters.find_lm_head(self.model)
-            self.pcr_memory = restore_memory(state, self.pcr_config, len(self.train_dataset), head.weight.device)
-            logger.info("PCR: defense state restored from %s: %s", folder,
-                        self.pcr_memory.summary() if self.pcr_memory is not None else "no scan yet")
+        """``Trainer.train``; a resumed run also restores the defense's state of that checkpoint."""
+        if resume_from_checkpoint:
+            folder = resume_from_checkpoint
+            if folder is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                folder = get_last_checkpoint(self.args.output_dir)
+            if isinstance(folder, str):
+                self.pcr_load_state(folder)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def pcr_report(self, **kwargs) -> Dict[str, Any]:
@@ -106,12 +182,6 @@ class PCRTrainerMixin:
         kwargs.setdefault("tokenizer", getattr(self.processing_class, "tokenizer", self.processing_class))
         kwargs.setdefault("num_samples", len(self.train_dataset))
         return build_report(self.pcr_memory, config=self.pcr_config, kind="train", defense="pcr", **kwargs)
-
-    def _pcr_augment_for(self, model: nn.Module) -> Callable:
-        # built lazily: the model is only final once the Trainer has wrapped it
-        if self.pcr_augment is None:
-            self.pcr_augment = PatchAugment.from_config(self.pcr_config.augment, adapters.unwrap_model(model))
-        return self.pcr_augment
 
     def pcr_scan(self, model: Optional[nn.Module] = None) -> Dict[str, object]:
         """Scan the whole training set now (what the scan schedule calls); returns the summary."""
@@ -140,19 +210,27 @@ class PCRTrainerMixin:
                      num_items_in_batch=None):
         step = self.state.global_step
         if not self._pcr_batch_checked and model.training:   # once, before the first step
-            check_first_batch(inputs, needs_sample_ids=self.pcr_config.mode == "scan",
+            check_first_batch(inputs, needs_sample_ids=self.pcr_config.mode != "online",
                               num_samples=len(self.train_dataset) if self.train_dataset is not None else None)
             self._pcr_batch_checked = True
         schedule = self.pcr_schedule()
         if model.training and schedule.scans_before(step) and step not in self._pcr_scanned:
             self._pcr_scanned.add(step)
             self.pcr_scan(model)
-        # the model's own SFT loss: the warm-up, scan mode before its first scan, scan-mode evaluation
+        # the model's own SFT loss: the warm-up, scan mode before its first scan, evaluation
+        # with a memory-based defense
         scans_ready = self.pcr_memory is not None and self.pcr_memory.active
         scan_mode = self.pcr_config.mode == "scan"
-        if (model.training and schedule.trains_plain(step, scans_ready)) or (scan_mode and not model.training):
+        memory_mode = self.pcr_config.mode in ("scan", "inline")
+        if (model.training and schedule.trains_plain(step, scans_ready)) or (memory_mode and not model.training):
             return self._plain_loss(model, inputs, return_outputs, num_items_in_batch)
-        if scan_mode:
+        if self.pcr_config.mode == "inline":
+            memory = self._pcr_inline_memory(model)
+            out = compute_pcr_loss(model, inputs, config=self.pcr_config, memory=memory,
+                                   augment=self._pcr_augment_for(model),
+                                   generator=self._pcr_test_generator(memory.device),
+                                   num_items_in_batch=num_items_in_batch)
+        elif scan_mode:
             out = compute_pcr_loss(model, inputs, config=self.pcr_config, memory=self.pcr_memory,
                                    num_items_in_batch=num_items_in_batch)
         else:
