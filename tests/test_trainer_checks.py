@@ -11,6 +11,15 @@ from pcr_fast.testing import build_tiny_model, collate, sample_batches
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is fastest (and far faster on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def identity(pixel_values, image_grid_thw=None, generator=None):
     return pixel_values.clone()
 
