@@ -143,8 +143,9 @@ def write_model_dir(path, config=None, processor=True):
     (("--scan-at", "0.5,1.2"), "--scan-at must hold fractions"),
     (("--lora-r", "8"), "--lora-r needs --lora"),
     (("--defense", "maybe"), "invalid choice: 'maybe'"),
+    (("--template", "chat"), "--template: template='chat' but the processor has no chat template"),
 ], ids=["max_steps", "lr", "lr_inf", "epochs_and_steps", "batch_size", "seed", "mask_ratio", "scan_at", "lora_r",
-        "defense"])
+        "defense", "template"])
 def test_bad_flag_values_are_usage_errors(home, args, message):
     rc, _, stderr = train(home, "never", "--max-steps", "1", *args) if "--max-steps" not in args \
         else train(home, "never", *args)

@@ -76,7 +76,10 @@ def run_scan(args) -> int:
     processor = load_processor_or_exit(parser, model_dir)
     from ..data import ConversationCollator, ConversationDataset
 
-    collator = ConversationCollator(processor, template=args.template)
+    try:
+        collator = ConversationCollator(processor, template=args.template)
+    except ValueError as err:
+        parser.error(f"--template: {err}")
     check_first_batch_or_exit(parser, collator, data.samples, args.batch_size)
     import torch
 

@@ -116,7 +116,10 @@ def run_train(args) -> int:
     processor = load_processor_or_exit(parser, model_dir)
     from ..data import ConversationCollator, ConversationDataset
 
-    collator = ConversationCollator(processor, template=args.template)
+    try:
+        collator = ConversationCollator(processor, template=args.template)
+    except ValueError as err:
+        parser.error(f"--template: {err}")
     check_first_batch_or_exit(parser, collator, data.samples, args.batch_size)
     if args.resume:
         _check_resume_data(parser, out, data)
@@ -248,6 +251,9 @@ def _print_summary(trainer, written: Dict[str, Any], seconds: float) -> None:
                   f"{100 * t['invariant_share']:.0f} % of them flagged")
         if report["target_tokens"] and not report["targets"]:
             print("  target tokens (no phrase): " + ", ".join(f"{t['text']!r} ({t['id']})" for t in report["target_tokens"]))
+    else:
+        print(f"no defense ran; audit the data with: pcr-fast scan --model {written['model']} --data "
+              f"{report['meta'].get('data')} --out AUDIT_DIR")
     if c["skipped_rows"]:
         print(f"{c['skipped_rows']} bad data row(s) skipped (listed in the report)")
     print(f"wrote the model and processor to {written['model']}, {os.path.basename(written['training_args'])}, "
