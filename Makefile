@@ -11,7 +11,7 @@ DEMO_ARGS ?=
 PYTEST_ARGS ?=
 TESTS ?= tests
 
-.PHONY: all install demo test bench bench-loss bench-augment clean
+.PHONY: all install demo test bench bench-loss bench-augment gpu-report clean
 
 all: test
 
@@ -42,6 +42,11 @@ bench-loss: $(STAMP)
 
 bench-augment: $(STAMP)
 	$(PY) benchmarks/bench_patch_augment.py
+
+# Ahead-of-time compile of every Triton kernel for sm_80/86/90/100 on this (CPU) machine:
+# registers, spills, shared memory, tensor cores, occupancy -> benchmarks/results/gpu_compile_<date>.{json,md}
+gpu-report: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) benchmarks/gpu_compile_report.py --subset full
 
 clean:
 	rm -rf $(VENV) build *.egg-info pcr_demo_out .pytest_cache

@@ -13,6 +13,13 @@ its entry in the record says otherwise):
     cce            cut-cross-entropy ``linear_cross_entropy`` (both views) + a chunked,
                    checkpointed torch KL/entropy: CUDA only, the full objective
 
+Single-view rows (objective: mean CE of view a, the plain fine-tuning loss; 6·N·D·V FLOPs):
+    ce_pcr_torch, ce_pcr_triton   ``pcr_fast.fused_linear_cross_entropy(h_a, W, y, backend=...)``
+    ce_eager       ``F.cross_entropy(h_a @ W.T)`` with materialised logits
+    ce_liger       Liger-Kernel ``LigerFusedLinearCrossEntropyLoss`` (CUDA only)
+    ce_cce         cut-cross-entropy ``linear_cross_entropy`` (CUDA only)
+Rows are checked against the first available method of the same objective.
+
 Objective timed (so that backward exercises every statistic):
     loss = (Σ ce_a + 0.5 Σ ce_b) / n_valid − 0.5 (mean kl_ab + mean kl_ba)
            + 0.1 (mean ent_a + mean ent_b)
@@ -51,7 +58,10 @@ LOGIT_STD = 3.0          # std of the logits, so distributions are peaked as in 
 VIEW_NOISE = 0.3         # h_b = h_a + noise: the augmented view's hidden states are close
 MODES = ("forward", "backward", "forward_backward")
 FLOPS_PER_NDV = {"forward": 4, "backward": 8, "forward_backward": 12}
-METHODS = ("pcr_torch", "pcr_triton", "pcr_triton_chunked", "eager", "compile", "liger", "cce")
+METHODS = ("pcr_torch", "pcr_triton", "pcr_triton_chunked", "eager", "compile", "liger", "cce",
+           "ce_pcr_torch", "ce_pcr_triton", "ce_eager", "ce_liger", "ce_cce")
+#: FLOPs of each objective per N·D·V, relative to the two-view one
+OBJECTIVE_FLOP_SHARE = {"two_view": 1.0, "single_view": 0.5}
 
 
 @dataclass(frozen=True)
@@ -65,8 +75,8 @@ class LossCase:
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
-    def flops(self, mode: str) -> float:
-        return float(FLOPS_PER_NDV[mode]) * self.n * self.d * self.v
+    def flops(self, mode: str, objective: str = "two_view") -> float:
+        return float(FLOPS_PER_NDV[mode]) * self.n * self.d * self.v * OBJECTIVE_FLOP_SHARE[objective]
 
 
 def cpu_grid(quick: bool = False) -> List[LossCase]:
@@ -75,6 +85,11 @@ def cpu_grid(quick: bool = False) -> List[LossCase]:
     # N = 2048 (> the torch backend's default 1024-row chunk) shows the chunked memory bound.
     return ([LossCase(n, 256, 8000, "float32") for n in (256, 512, 1024, 2048)]
             + [LossCase(n, 256, 32000, "float32") for n in (256, 512)])
+
+
+def check_grid() -> List[LossCase]:
+    """Two production shapes for the one-call GPU check (benchmarks/gpu_check.sh)."""
+    return [LossCase(n, 4096, 151936, "bfloat16") for n in (4096, 16384)]
 
 
 def gpu_grid(quick: bool = False) -> List[LossCase]:
@@ -146,6 +161,7 @@ class Method:
     kind: str                      # "ours" | "baseline" | "peer"
     computes: str
     comparable: bool               # same objective as ours (its loss value is checked)
+    objective: str = "two_view"    # "two_view" (the PCR objective) or "single_view" (CE of view a)
     available: bool = True
     reason: str = ""
     version: Optional[str] = None
@@ -245,6 +261,54 @@ def _cce_method(device: torch.device) -> Method:
     return m
 
 
+def _ce_method(name: str, device: torch.device) -> Method:
+    """The single-view rows: mean CE of view a (ignored labels excluded), ours and peers'."""
+    import torch.nn.functional as F
+
+    m = Method(name, "ours" if name.startswith("ce_pcr") else ("baseline" if name == "ce_eager" else "peer"),
+               "", comparable=True, objective="single_view")
+    if name.startswith("ce_pcr"):
+        from pcr_fast import fused_linear_cross_entropy
+
+        backend = name[len("ce_pcr_"):]
+        m.computes = f"fused_linear_cross_entropy(backend={backend!r}): one view, no logits"
+        m.version = harness._version("pcr_fast")
+        if backend.startswith("triton") and device.type != "cuda":
+            m.available, m.reason = False, "Triton backends are timed on CUDA only (the CPU interpreter is a test tool)"
+            return m
+        m.fn = lambda h_a, h_b, weight, labels, n_valid: fused_linear_cross_entropy(
+            h_a, weight, labels, ignore_index=IGNORE_INDEX, backend=backend)
+    elif name == "ce_eager":
+        m.computes, m.version = "F.cross_entropy on materialised N×V logits", torch.__version__
+        m.fn = lambda h_a, h_b, weight, labels, n_valid: F.cross_entropy((h_a @ weight.T).float(), labels,
+                                                                         ignore_index=IGNORE_INDEX)
+    elif name == "ce_liger":
+        m.computes, m.version = "LigerFusedLinearCrossEntropyLoss (one view)", harness._version("liger-kernel")
+        if device.type != "cuda":
+            m.available, m.reason = False, "Liger-Kernel's Triton kernels need CUDA"
+            return m
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except Exception as exc:
+            m.available, m.reason = False, f"liger-kernel not importable: {exc!r} (pip install liger-kernel)"
+            return m
+        ce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
+        m.fn = lambda h_a, h_b, weight, labels, n_valid: ce(weight, h_a, labels)
+    else:
+        m.computes, m.version = "cut-cross-entropy linear_cross_entropy (one view)", harness._version("cut-cross-entropy")
+        if device.type != "cuda":
+            m.available, m.reason = False, "cut-cross-entropy's default (cce) kernels need CUDA"
+            return m
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except Exception as exc:
+            m.available, m.reason = False, f"cut-cross-entropy not importable: {exc!r} (pip install cut-cross-entropy)"
+            return m
+        m.fn = lambda h_a, h_b, weight, labels, n_valid: linear_cross_entropy(
+            h_a, weight, labels, ignore_index=IGNORE_INDEX, reduction="mean")
+    return m
+
+
 def build_methods(device: torch.device, names: Sequence[str], *, compile_static: bool = False) -> Dict[str, Method]:
     out: Dict[str, Method] = {}
     for name in names:
@@ -263,6 +327,8 @@ def build_methods(device: torch.device, names: Sequence[str], *, compile_static:
             out[name] = _liger_method(device)
         elif name == "cce":
             out[name] = _cce_method(device)
+        elif name.startswith("ce_"):
+            out[name] = _ce_method(name, device)
         else:
             raise ValueError(f"methods must be drawn from {METHODS}, got {name!r}")
     return out
@@ -290,10 +356,11 @@ def set_bytes(case: LossCase) -> int:
     return (2 * case.n * case.d + case.v * case.d) * esize + case.n * 8
 
 
-def grads_bytes(case: LossCase) -> int:
-    """The gradients a method must leave behind: dh_a, dh_b, dW in the input dtype."""
+def grads_bytes(case: LossCase, objective: str = "two_view") -> int:
+    """The gradients a method must leave behind: dh_a (and dh_b for two views), dW, in the input dtype."""
     esize = torch.empty((), dtype=case.torch_dtype).element_size()
-    return (2 * case.n * case.d + case.v * case.d) * esize
+    views = 2 if objective == "two_view" else 1
+    return (views * case.n * case.d + case.v * case.d) * esize
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -309,7 +376,7 @@ def run_case(case: LossCase, methods: Dict[str, Method], device: torch.device, *
     sets = [make_inputs(case, device, gen) for _ in range(k)]
     leaves = [t for s in sets for t in s[:3]]
     tol = 2e-2 if case.dtype in ("bfloat16", "float16") else 1e-4
-    reference: Optional[Tuple[float, Tensor]] = None  # (loss, grad of h_a) of the first comparable method
+    references: Dict[str, Tuple[float, Tensor]] = {}  # objective -> (loss, grad of h_a) of its first method
     rows = []
     for name, method in methods.items():
         row: Dict[str, Any] = {"method": name, **asdict(case), "input_sets_rotated": k}
@@ -326,9 +393,11 @@ def run_case(case: LossCase, methods: Dict[str, Method], device: torch.device, *
             del loss
             grad_h_a = sets[0][0].grad.detach().float()
             row["loss_value"] = value
+            row["objective"] = method.objective
+            reference = references.get(method.objective)
             if method.comparable:
                 if reference is None:
-                    reference = (value, grad_h_a.clone())
+                    references[method.objective] = (value, grad_h_a.clone())
                     row["check"] = "reference"
                 else:
                     rel = abs(value - reference[0]) / max(abs(reference[0]), 1e-6)
@@ -344,12 +413,14 @@ def run_case(case: LossCase, methods: Dict[str, Method], device: torch.device, *
             timings = harness.time_training_step(lambda: fn(*rot.next()), lambda loss: loss.backward(), device,
                                                  grad_to_none=leaves, quick=quick, warmed_up=True)
             row["timings"] = {m: t.to_dict() for m, t in timings.items()}
-            row["achieved_flops_per_s"] = {m: case.flops(m) / (t.median_ms * 1e-3) for m, t in timings.items()}
+            row["achieved_flops_per_s"] = {m: case.flops(m, method.objective) / (t.median_ms * 1e-3)
+                                           for m, t in timings.items()}
             row["fraction_of_matmul_rate"] = {m: f / matmul_rate for m, f in row["achieved_flops_per_s"].items()}
-            row["floor_ms"] = {m: case.flops(m) / matmul_rate * 1e3 for m in timings}
+            row["floor_ms"] = {m: case.flops(m, method.objective) / matmul_rate * 1e3 for m in timings}
             if measure_memory:
                 row["memory"] = harness.peak_memory(lambda: fn(*sets[0]).backward(), device,
-                                                    grad_to_none=leaves, resident_bytes=grads_bytes(case))
+                                                    grad_to_none=leaves,
+                                                    resident_bytes=grads_bytes(case, method.objective))
             row["status"] = "ok"
             row["wall_s"] = round(time.perf_counter() - t_method, 2)  # incl. compile + checks
         except Exception as exc:  # one failing method must not end the run: record it
@@ -401,7 +472,7 @@ def run_benchmark(cases: Sequence[LossCase], device: torch.device, *, method_nam
         if row.get("status") == "ok":
             cfg = LossCase(row["n"], row["d"], row["v"], row["dtype"])
             row["fraction_of_matmul_rate"] = {m: f / rate for m, f in row["achieved_flops_per_s"].items()}
-            row["floor_ms"] = {m: cfg.flops(m) / rate * 1e3 for m in row["timings"]}
+            row["floor_ms"] = {m: cfg.flops(m, row.get("objective", "two_view")) / rate * 1e3 for m in row["timings"]}
     record = {
         "benchmark": "two_view_loss",
         "schema_version": harness.SCHEMA_VERSION,
@@ -409,7 +480,9 @@ def run_benchmark(cases: Sequence[LossCase], device: torch.device, *, method_nam
         "settings": {"quick": quick, "seed": seed, "objective": OBJECTIVE_TEXT,
                      "ignore_index": IGNORE_INDEX, "ignored_fraction": IGNORED_FRACTION,
                      "logit_std": LOGIT_STD, "view_noise": VIEW_NOISE, "modes": list(MODES),
-                     "floor": "12*N*D*V FLOPs per view pair fwd+bwd (fwd 4NDV, bwd 8NDV) / matmul rate",
+                     "floor": "12*N*D*V FLOPs per view pair fwd+bwd (fwd 4NDV, bwd 8NDV) / matmul rate; "
+                              "single-view rows: 6*N*D*V",
+                     "single_view_objective": "mean CE of view a over labelled tokens",
                      "memory": "peak during one forward+backward over the inputs; extra_bytes = peak - "
                                "gradient bytes (dh_a, dh_b, dW in the input dtype)",
                      "note": note, "run_wall_s": round(wall_s, 1)},
@@ -490,8 +563,9 @@ def plot_record(record: Dict[str, Any], path: Path) -> Path:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--grid", choices=("auto", "cpu", "gpu"), default="auto",
-                        help="size grid: gpu (bf16, large V) or cpu (fp32, small); auto picks by device")
+    parser.add_argument("--grid", choices=("auto", "cpu", "gpu", "check"), default="auto",
+                        help="size grid: gpu (bf16, large V), cpu (fp32, small) or check (two production "
+                             "shapes, benchmarks/gpu_check.sh); auto picks gpu or cpu by device")
     parser.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing loops")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--methods", default=",".join(METHODS),
@@ -507,7 +581,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     grid = args.grid if args.grid != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-    cases = gpu_grid(args.quick) if grid == "gpu" else cpu_grid(args.quick)
+    cases = {"gpu": lambda: gpu_grid(args.quick), "cpu": lambda: cpu_grid(args.quick), "check": check_grid}[grid]()
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     record = run_benchmark(cases, device, method_names=names, quick=args.quick, seed=args.seed, note=args.note,
                            compile_static=args.compile_static)

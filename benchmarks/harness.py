@@ -13,6 +13,9 @@ Timing
     CPU: a ``time.perf_counter`` loop with warm-up, at least ``min_reps`` samples and a time
     budget; the same median/p20/p80 statistics.
 Peak memory
+    Meta tensors (any machine, real shapes): :class:`LiveBytes` counts the storage of every
+    tensor an op returns fresh (no alias in its schema) until that storage is freed; with
+    :func:`no_triton_launches` the launchers still allocate exactly what they would on a GPU.
     CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation just before the call.
     CPU: the PyTorch profiler's allocation events (``profile_memory=True``): every CPU tensor
     allocation/free made by torch during the call is an event with its size; the maximum of
@@ -374,6 +377,89 @@ def _profiler_peak_bytes(fn: Callable[[], Any]) -> int:
     return peak
 
 
+class LiveBytes:
+    """Context manager counting live tensor bytes allocated inside it (``.live``, ``.peak``).
+
+    A ``TorchDispatchMode``: every op output whose schema return has no alias annotation is
+    a fresh storage, added when created and subtracted when its storage is freed (a weakref
+    finalizer). Works on meta tensors, so a production shape is accounted in seconds.
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                for ret, o in zip(func._schema.returns, outs):
+                    if ret.alias_info is None:
+                        for t in (o if isinstance(o, (tuple, list)) else (o,)):
+                            if isinstance(t, torch.Tensor):
+                                counter._add(t)
+                return out
+
+        self._mode = _Mode()
+        self.live = 0
+        self.peak = 0
+
+    def _add(self, t: torch.Tensor) -> None:
+        import weakref
+
+        storage = t.untyped_storage()
+        n = storage.nbytes()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, n)
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __enter__(self) -> "LiveBytes":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+def no_triton_launches():
+    """Context manager: Triton kernel launches do nothing (compiled or interpreted kernels);
+    their Python launchers still run and allocate. Yields the list of launched kernel names."""
+    import contextlib
+
+    from triton.runtime.jit import JITFunction
+
+    classes = [JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        classes.append(InterpretedFunction)
+    except ImportError:  # pragma: no cover - depends on the triton version
+        pass
+
+    @contextlib.contextmanager
+    def manager():
+        launched: List[str] = []
+        saved = [(cls, cls.run) for cls in classes]
+
+        def fake_run(self, *args, grid, warmup, **kwargs):
+            launched.append(getattr(self, "__name__", type(self).__name__))
+            return None
+
+        for cls in classes:
+            cls.run = fake_run
+        try:
+            yield launched
+        finally:
+            for cls, run in saved:
+                cls.run = run
+
+    return manager()
+
+
 def peak_memory(fn: Callable[[], Any], device: torch.device, *,
                 grad_to_none: Optional[Sequence[torch.Tensor]] = None,
                 resident_bytes: int = 0) -> Dict[str, Any]:
@@ -635,4 +721,32 @@ def plot_bars(path: Path, groups: Sequence[str], series: Mapping[str, Sequence[O
     ax.set_title(title, fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
+    return _save_figure(fig, path)
+
+
+def plot_bar_panels(path: Path, panels: Sequence[Mapping[str, Any]], *, suptitle: str = "") -> Path:
+    """Side-by-side bar charts, one per panel: ``{"title", "ylabel", "groups": [...],
+    "values": [...], "errors": [(lo, hi) or None, ...] (optional)}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(panels))
+    width = max(4.5, 1.2 * max((len(p.get("groups", ())) for p in panels), default=1) + 1.5)
+    fig, axes = plt.subplots(1, n, figsize=(width * n, 4.0), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        groups, values = list(panel.get("groups", ())), list(panel.get("values", ()))
+        errors = panel.get("errors")
+        yerr = None
+        if errors and all(e is not None for e in errors):
+            yerr = [[v - e[0] for v, e in zip(values, errors)], [e[1] - v for v, e in zip(values, errors)]]
+        ax.bar(range(len(values)), values, yerr=yerr, capsize=3)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, fontsize=8, rotation=15)
+        ax.set_title(panel.get("title", ""), fontsize=9)
+        ax.set_ylabel(panel.get("ylabel", ""))
+        ax.grid(True, axis="y", alpha=0.3)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
     return _save_figure(fig, path)

@@ -126,8 +126,8 @@ def patch_gather(
     n_images = lead_shape[0] * lead_shape[1] * lead_shape[2]
     if n_images == 0 or height == 0 or width == 0 or channels == 0:
         return
-    cfg = tile_config("patch_gather", height, width)
-    block_y, block_x = cfg.block_n, cfg.block_v
+    cfg = tile_config("patch_gather", height, width, device=src.device)
+    block_y, block_x = cfg.block_y, cfg.block_x
     n_yblocks = triton.cdiv(height, block_y)
     grid = (n_images * channels * n_yblocks, triton.cdiv(width, block_x))
     fill_row_stride = fill.stride(0) if fill.dim() >= 1 else 0

@@ -1,123 +1,93 @@
-"""Tile helpers shared by the two-view kernels: logit scaling, the online statistics
-update, and the closed-form gradient of the six statistics w.r.t. the scaled logits.
+"""Tile helpers shared by the loss kernels: operands, logit tiles, softcap, the online state
+update and the closed-form logit gradient (the math of :mod:`.stats_table`, in Triton).
 
-Online state per row and view (``m`` running max of z, and relative to it):
-``s = Σ e^{z−m}``, ``t = Σ e^{z−m}(z−m)``, ``d = Σ e^{z−m}(z − z_other)``. Then
-``lse = m + log s``, ``H = log s − t/s``, ``KL(this‖other) = d/s − (lse − lse_other)``.
-Accumulating ``z − z_other`` directly (not the two expectations) makes identical views give
-KL = 0 exactly and keeps large logits from cancelling catastrophically.
+Conventions: ``TWO_VIEWS`` compiles view b out (the single-view statistics of a plain
+cross-entropy); ``DOT_FP32`` upcasts ``tl.dot`` operands to fp32 and is set only under the
+interpreter (whose bf16 dot is wrong), so on a GPU the bf16/fp16 path is the fp32 path minus
+that cast — the only code that never runs on CPU is the absence of ``operand``'s upcast.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def stable_tanh(x):
-    """tanh from exp (libdevice is unavailable in the interpreter); exact for large |x|."""
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x >= 0, t, -t)
+def operand(x, DOT_FP32: tl.constexpr):
+    """A ``tl.dot`` operand: as loaded on a GPU, upcast to fp32 under the interpreter."""
+    if DOT_FP32:
+        return x.to(tl.float32)
+    return x
 
 
 @triton.jit
-def scale_logits(s, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
-    """Raw logits -> ``z = softcap·tanh(s/softcap)/T`` and ``dz/ds · T`` (1 without softcap)."""
-    if HAS_SOFTCAP:
-        th = stable_tanh(s / softcap)
-        z = softcap * th * inv_temp
-        cap_grad = 1.0 - th * th
-    else:
-        z = s * inv_temp
-        cap_grad = tl.full(s.shape, 1.0, tl.float32)
-    return z, cap_grad
+def tanh_sech2(x):
+    """``(tanh x, 1 − tanh² x)`` to a few ulp of relative accuracy for every x.
 
-
-@triton.jit
-def online_update(m, s, t, d, z, z_other, col_mask):
-    """Fold one (rows × BLOCK_V) tile of scaled logits into the running row statistics."""
-    z_m = tl.where(col_mask[None, :], z, float("-inf"))
-    m_new = tl.maximum(m, tl.max(z_m, axis=1))
-    alpha = tl.exp(m - m_new)
-    delta = tl.where(s > 0, m - m_new, 0.0)
-    e = tl.exp(z_m - m_new[:, None])
-    centred = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
-    diff = tl.where(col_mask[None, :], z - z_other, 0.0)
-    t = alpha * (t + delta * s) + tl.sum(e * centred, axis=1)
-    d = alpha * d + tl.sum(e * diff, axis=1)
-    s = alpha * s + tl.sum(e, axis=1)
-    return m_new, s, t, d
-
-
-@triton.jit
-def finalize_stats(m_a, s_a, t_a, d_a, zy_a, m_b, s_b, t_b, d_b, zy_b, labels, V, ignore_index):
-    """Online state -> (ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b, lse_a, lse_b).
-
-    An out-of-range label (not ignore_index) gives ce = NaN: loud, without a host sync.
+    libdevice is unavailable in the interpreter, and ``(1 − e)/(1 + e)`` with
+    ``e = exp(−2|x|)`` cancels near 0 (relative error 1e-2 at x = 1e-6), so |x| < 0.25 uses
+    the odd Taylor series to x¹¹ (truncation < 1e-9 relative). ``sech² = 4e/(1 + e)²`` has
+    no cancellation anywhere (``1 − tanh²`` would near |x| large).
     """
-    log_s_a = tl.log(s_a)
-    log_s_b = tl.log(s_b)
-    lse_a = m_a + log_s_a
-    lse_b = m_b + log_s_b
-    ent_a = log_s_a - t_a / s_a
-    ent_b = log_s_b - t_b / s_b
-    kl_ab = d_a / s_a - (lse_a - lse_b)
-    kl_ba = d_b / s_b - (lse_b - lse_a)
-    valid = labels != ignore_index
-    in_range = (labels >= 0) & (labels < V)
-    ce_a = tl.where(valid, tl.where(in_range, lse_a - zy_a, float("nan")), 0.0)
-    ce_b = tl.where(valid, tl.where(in_range, lse_b - zy_b, float("nan")), 0.0)
-    return ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b, lse_a, lse_b
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    x2 = ax * ax
+    series = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197)))))
+    t = tl.where(ax < 0.25, series, (1.0 - e) / (1.0 + e))
+    t = tl.where(x < 0, -t, t)
+    one_e = 1.0 + e
+    return t, 4.0 * e / (one_e * one_e)
 
 
 @triton.jit
-def grad_scaled_logits(z_a, z_b, onehot, lse_a, lse_b, kl_ab, kl_ba, ent_a, ent_b,
-                       g_ce_a, g_ce_b, g_kl_ab, g_kl_ba, g_ent_a, g_ent_b,
-                       NEED_B: tl.constexpr):
-    """Closed forms of DESIGN §2: d(Σ_k g_k·stat_k)/dz for both views (g_* are per row)."""
-    lp = z_a - lse_a[:, None]
-    lq = z_b - lse_b[:, None]
-    p = tl.exp(lp)
-    q = tl.exp(lq)
-    g_a = (g_ce_a[:, None] * (p - onehot)
-           + g_kl_ab[:, None] * p * (lp - lq - kl_ab[:, None])
-           + g_kl_ba[:, None] * (p - q)
-           - g_ent_a[:, None] * p * (lp + ent_a[:, None]))
-    if NEED_B:
-        g_b = (g_ce_b[:, None] * (q - onehot)
-               + g_kl_ba[:, None] * q * (lq - lp - kl_ba[:, None])
-               + g_kl_ab[:, None] * (q - p)
-               - g_ent_b[:, None] * q * (lq + ent_b[:, None]))
-    else:
-        g_b = tl.zeros(g_a.shape, tl.float32)
-    return g_a, g_b
+def scale_logits(raw, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """Raw logits -> ``z = softcap·tanh(raw/softcap)/T`` and ``dz/draw`` (``1/T`` without softcap)."""
+    if HAS_SOFTCAP:
+        th, sech2 = tanh_sech2(raw / softcap)
+        return (softcap * inv_temp) * th, sech2 * inv_temp
+    return raw * inv_temp, tl.full(raw.shape, 1.0, tl.float32) * inv_temp
 
 
 @triton.jit
-def logit_tiles(ha_ptr, hb_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, D,
-                stride_ha_n, stride_ha_d, stride_hb_n, stride_hb_d, stride_w_v, stride_w_d,
-                HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Raw logit tiles of both views for (rows × cols); each W tile is loaded once for both."""
+def logit_tiles(ha_ptr, hb_ptr, w_ptr, bias_ptr, row0, col0, row_mask, col_mask, D,
+                stride_ha_n, stride_ha_d, stride_hb_n, stride_hb_d, stride_w_v, stride_w_d, stride_bias,
+                HAS_BIAS: tl.constexpr, TWO_VIEWS: tl.constexpr, DOT_FP32: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Raw logit tiles (rows ``row0 +`` BLOCK_N × columns ``col0 +`` BLOCK_V) of view a and b,
+    each W tile loaded once for both.
+
+    The matmul runs in the hidden states' dtype (the weight tile is cast to it, as
+    ``torch.autocast`` does for an lm_head), accumulating in fp32. Addressing: 64-bit
+    scalar bases advanced every K step, 32-bit offsets inside the tile (half the registers
+    of 64-bit offset tiles, and no overflow however large N·D or V·D).
+    """
+    r = tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_V)
+    k = tl.arange(0, BLOCK_D)
+    pa = ha_ptr + tl.cast(row0, tl.int64) * stride_ha_n
+    pb = hb_ptr + tl.cast(row0, tl.int64) * stride_hb_n
+    pw = w_ptr + tl.cast(col0, tl.int64) * stride_w_v
+    off_a = r[:, None] * stride_ha_n + k[None, :] * stride_ha_d
+    off_b = r[:, None] * stride_hb_n + k[None, :] * stride_hb_d
+    off_w = c[None, :] * stride_w_v + k[:, None] * stride_w_d
     acc_a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     acc_b = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        dd = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-        d_mask = dd < D
+        d_mask = k < D - d0
         h_mask = row_mask[:, None] & d_mask[None, :]
-        xa = tl.load(ha_ptr + rows[:, None] * stride_ha_n + dd[None, :] * stride_ha_d, mask=h_mask, other=0.0)
-        xb = tl.load(hb_ptr + rows[:, None] * stride_hb_n + dd[None, :] * stride_hb_d, mask=h_mask, other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * stride_w_v + dd[:, None] * stride_w_d,
-                    mask=d_mask[:, None] & col_mask[None, :], other=0.0)
-        if DOT_FP32:
-            xa = xa.to(tl.float32)
-            xb = xb.to(tl.float32)
-            w = w.to(tl.float32)
-        else:
-            w = w.to(xa.dtype)
-        acc_a = tl.dot(xa, w, acc_a, input_precision=PRECISION)
-        acc_b = tl.dot(xb, w, acc_b, input_precision=PRECISION)
+        xa = tl.load(pa + off_a, mask=h_mask, other=0.0)
+        w = tl.load(pw + off_w, mask=d_mask[:, None] & col_mask[None, :], other=0.0).to(xa.dtype)
+        w = operand(w, DOT_FP32)
+        acc_a = tl.dot(operand(xa, DOT_FP32), w, acc_a, input_precision=PRECISION)
+        if TWO_VIEWS:
+            xb = tl.load(pb + off_b, mask=h_mask, other=0.0)
+            acc_b = tl.dot(operand(xb, DOT_FP32), w, acc_b, input_precision=PRECISION)
+        pa += BLOCK_D * stride_ha_d
+        pb += BLOCK_D * stride_hb_d
+        pw += BLOCK_D * stride_w_d
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + tl.cast(col0, tl.int64) * stride_bias + c * stride_bias, mask=col_mask,
+                       other=0.0).to(tl.float32)
         acc_a += bias[None, :]
         acc_b += bias[None, :]
     return acc_a, acc_b
@@ -125,65 +95,86 @@ def logit_tiles(ha_ptr, hb_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask,
 
 @triton.jit
 def empty_state(BLOCK_N: tl.constexpr):
-    """Initial online state of one view: (m, s, t, d, z_label)."""
-    return (tl.full((BLOCK_N,), float("-inf"), tl.float32), tl.zeros((BLOCK_N,), tl.float32),
-            tl.zeros((BLOCK_N,), tl.float32), tl.zeros((BLOCK_N,), tl.float32),
-            tl.zeros((BLOCK_N,), tl.float32))
+    """Initial online state of one view: (m, s, t, d, zy, zsum, amax) per row."""
+    zero = tl.zeros((BLOCK_N,), tl.float32)
+    return tl.full((BLOCK_N,), float("-inf"), tl.float32), zero, zero, zero, zero, zero, zero
 
 
 @triton.jit
-def label_logit(z, cols, col_mask, labels):
-    """Row sums of z at the label column (0 where the label is not in this tile)."""
-    hit = (cols[None, :] == labels[:, None]) & col_mask[None, :]
-    return tl.sum(tl.where(hit, z, 0.0), axis=1)
+def fold_tile(m, s, t, d, zy, zsum, amax, z, z_other, v0, c, col_mask, label_rel, TWO_VIEWS: tl.constexpr):
+    """Fold one (rows × BLOCK_V) tile of scaled logits (``-inf`` outside the vocabulary)
+    into a view's online state. ``c`` are the tile's column offsets from ``v0`` and
+    ``label_rel`` the labels minus ``v0``. Terms with e^{z−m} = 0 count 0 (a ``-inf`` logit
+    is exact)."""
+    tile_max = tl.max(z, axis=1)
+    tile_arg = tl.argmax(z, axis=1)
+    amax = tl.where(tile_max > m, (v0 + tile_arg).to(tl.float32), amax)
+    m_new = tl.maximum(m, tile_max)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_safe))
+    shift = tl.where(s > 0, m - m_safe, 0.0)
+    centred = z - m_safe[:, None]
+    e = tl.exp(centred)
+    live = e > 0
+    t = alpha * (t + shift * s) + tl.sum(tl.where(live, e * centred, 0.0), axis=1)
+    if TWO_VIEWS:
+        d = alpha * d + tl.sum(tl.where(live, e * (z - z_other), 0.0), axis=1)
+    s = alpha * s + tl.sum(e, axis=1)
+    zy += tl.sum(tl.where(c[None, :] == label_rel[:, None], z, 0.0), axis=1)
+    zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+    return m_new, s, t, d, zy, zsum, amax
 
 
 @triton.jit
-def store_stats(stats_ptr, stride_stats, rows, row_mask, ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b,
-                lse_a, lse_b):
-    """Write the (8, rows) statistics table: ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b, lse_a, lse_b."""
-    tl.store(stats_ptr + 0 * stride_stats + rows, ce_a, mask=row_mask)
-    tl.store(stats_ptr + 1 * stride_stats + rows, ce_b, mask=row_mask)
-    tl.store(stats_ptr + 2 * stride_stats + rows, kl_ab, mask=row_mask)
-    tl.store(stats_ptr + 3 * stride_stats + rows, kl_ba, mask=row_mask)
-    tl.store(stats_ptr + 4 * stride_stats + rows, ent_a, mask=row_mask)
-    tl.store(stats_ptr + 5 * stride_stats + rows, ent_b, mask=row_mask)
-    tl.store(stats_ptr + 6 * stride_stats + rows, lse_a, mask=row_mask)
-    tl.store(stats_ptr + 7 * stride_stats + rows, lse_b, mask=row_mask)
+def store_state(ptr, stride_k, r, row_mask, m, s, t, d, zy, zsum, amax):
+    """Write one view's state as 7 consecutive rows (stride ``stride_k``) of a state table
+    (``ptr`` at the block's first row, ``r`` the row offsets)."""
+    tl.store(ptr + 0 * stride_k + r, m, mask=row_mask)
+    tl.store(ptr + 1 * stride_k + r, s, mask=row_mask)
+    tl.store(ptr + 2 * stride_k + r, t, mask=row_mask)
+    tl.store(ptr + 3 * stride_k + r, d, mask=row_mask)
+    tl.store(ptr + 4 * stride_k + r, zy, mask=row_mask)
+    tl.store(ptr + 5 * stride_k + r, zsum, mask=row_mask)
+    tl.store(ptr + 6 * stride_k + r, amax, mask=row_mask)
 
 
 @triton.jit
-def grad_tiles(z_a, z_b, cols, col_mask, rows, row_mask, labels, ignore_index,
-               stats_ptr, stride_stats, grads_ptr, stride_g_k, stride_g_n, NEED_B: tl.constexpr):
-    """Gradient tiles w.r.t. the scaled logits from the saved row statistics and the
-    upstream gradients of the six statistics (CE terms masked on ignored rows)."""
-    kl_ab = tl.load(stats_ptr + 2 * stride_stats + rows, mask=row_mask, other=0.0)
-    kl_ba = tl.load(stats_ptr + 3 * stride_stats + rows, mask=row_mask, other=0.0)
-    ent_a = tl.load(stats_ptr + 4 * stride_stats + rows, mask=row_mask, other=0.0)
-    ent_b = tl.load(stats_ptr + 5 * stride_stats + rows, mask=row_mask, other=0.0)
-    lse_a = tl.load(stats_ptr + 6 * stride_stats + rows, mask=row_mask, other=0.0)
-    lse_b = tl.load(stats_ptr + 7 * stride_stats + rows, mask=row_mask, other=0.0)
-    g_row = grads_ptr + rows * stride_g_n
-    valid = (labels != ignore_index) & row_mask
-    g_ce_a = tl.where(valid, tl.load(g_row + 0 * stride_g_k, mask=row_mask, other=0.0), 0.0)
-    g_ce_b = tl.where(valid, tl.load(g_row + 1 * stride_g_k, mask=row_mask, other=0.0), 0.0)
-    g_kl_ab = tl.load(g_row + 2 * stride_g_k, mask=row_mask, other=0.0)
-    g_kl_ba = tl.load(g_row + 3 * stride_g_k, mask=row_mask, other=0.0)
-    g_ent_a = tl.load(g_row + 4 * stride_g_k, mask=row_mask, other=0.0)
-    g_ent_b = tl.load(g_row + 5 * stride_g_k, mask=row_mask, other=0.0)
-    onehot = tl.where((cols[None, :] == labels[:, None]) & col_mask[None, :], 1.0, 0.0)
-    return grad_scaled_logits(z_a, z_b, onehot, lse_a, lse_b, kl_ab, kl_ba, ent_a, ent_b,
-                              g_ce_a, g_ce_b, g_kl_ab, g_kl_ba, g_ent_a, g_ent_b, NEED_B)
+def load_coef(coef_ptr, stride_k, k, r, row_mask):
+    """Row ``k`` of the coefficient table for the block's rows, as a column."""
+    return tl.load(coef_ptr + k * stride_k + r, mask=row_mask, other=0.0)[:, None]
 
 
 @triton.jit
-def fold_views(m_a, s_a, t_a, d_a, zy_a, m_b, s_b, t_b, d_b, zy_b, raw_a, raw_b, cols, col_mask,
-               labels, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
-    """Scale one vocabulary tile of raw logits of both views and fold it into their states."""
-    z_a, _ = scale_logits(raw_a, softcap, inv_temp, HAS_SOFTCAP)
-    z_b, _ = scale_logits(raw_b, softcap, inv_temp, HAS_SOFTCAP)
-    m_a, s_a, t_a, d_a = online_update(m_a, s_a, t_a, d_a, z_a, z_b, col_mask)
-    m_b, s_b, t_b, d_b = online_update(m_b, s_b, t_b, d_b, z_b, z_a, col_mask)
-    zy_a += label_logit(z_a, cols, col_mask, labels)
-    zy_b += label_logit(z_b, cols, col_mask, labels)
-    return m_a, s_a, t_a, d_a, zy_a, m_b, s_b, t_b, d_b, zy_b
+def grad_tile(z_a, z_b, c, label_rel, coef_ptr, stride_k, rows, row_mask,
+              TWO_VIEWS: tl.constexpr, NEED_GB: tl.constexpr):
+    """d(objective)/dz for one tile of both views (``stats_table.grad_coefficients`` order:
+    m, logs, A, k, e, c, w, u for view a then b; ``coef_ptr`` at the block's first row,
+    ``rows`` the row offsets, ``c``/``label_rel`` columns and labels relative to the tile's
+    first column). Returns ``(g_a, g_b)``; ``g_b`` is a zero tile unless ``NEED_GB``."""
+    m_a = load_coef(coef_ptr, stride_k, 0, rows, row_mask)
+    ls_a = load_coef(coef_ptr, stride_k, 1, rows, row_mask)
+    lp = (z_a - m_a) - ls_a
+    p = tl.exp(lp)
+    hit = c[None, :] == label_rel[:, None]
+    inner_a = load_coef(coef_ptr, stride_k, 2, rows, row_mask) - load_coef(coef_ptr, stride_k, 4, rows, row_mask) * lp
+    g_b = tl.zeros(z_a.shape, tl.float32)
+    if TWO_VIEWS:
+        m_b = load_coef(coef_ptr, stride_k, 8, rows, row_mask)
+        ls_b = load_coef(coef_ptr, stride_k, 9, rows, row_mask)
+        lq = (z_b - m_b) - ls_b
+        q = tl.exp(lq)
+        dlpq = (z_a - z_b) - ((m_a - m_b) + (ls_a - ls_b))
+        inner_a += load_coef(coef_ptr, stride_k, 3, rows, row_mask) * dlpq
+        if NEED_GB:
+            inner_b = (load_coef(coef_ptr, stride_k, 10, rows, row_mask)
+                       + load_coef(coef_ptr, stride_k, 11, rows, row_mask) * dlpq
+                       - load_coef(coef_ptr, stride_k, 12, rows, row_mask) * lq)
+            g_b = (tl.where(q > 0, q * inner_b, 0.0) - load_coef(coef_ptr, stride_k, 13, rows, row_mask) * p
+                   - tl.where(hit, load_coef(coef_ptr, stride_k, 14, rows, row_mask), 0.0)
+                   + load_coef(coef_ptr, stride_k, 15, rows, row_mask))
+        g_a = tl.where(p > 0, p * inner_a, 0.0) - load_coef(coef_ptr, stride_k, 5, rows, row_mask) * q
+    else:
+        g_a = tl.where(p > 0, p * inner_a, 0.0)
+    g_a = (g_a - tl.where(hit, load_coef(coef_ptr, stride_k, 6, rows, row_mask), 0.0)
+           + load_coef(coef_ptr, stride_k, 7, rows, row_mask))
+    return g_a, g_b

@@ -21,6 +21,7 @@ from .defense import (BackdoorMemory, InlineMemory, ScanSchedule, UnlearningLoss
                       unlearning_loss)
 from .loss import TwoViewLoss, TwoViewLossOutput, two_view_loss
 from .stats import TwoViewStats, two_view_stats
+from .cross_entropy import fused_linear_cross_entropy  # noqa: F401  (drop-in fused linear cross-entropy)
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -33,7 +33,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 MODES = ("inline", "scan", "online")
 UNITS = ("half_token", "token", "patch")
 FILL_MODES = ("zero", "mean", "noise")
-DIVERGENCES = ("kl", "reverse_kl", "symmetric_kl")
+DIVERGENCES = ("kl", "reverse_kl", "symmetric_kl", "jsd")
 DIVERGENCE_FORMS = ("hinge", "clip")
 ENTROPY_VIEWS = ("a", "b", "both")
 ENTROPY_FORMS = ("linear", "below", "above", "square")
@@ -184,7 +184,12 @@ class ObjectiveConfig:
 
     Args:
         ce_weight: weight of the next-token CE on the original view.
-        divergence: ``kl`` = KL(p_a‖p_b), ``reverse_kl`` = KL(p_b‖p_a), ``symmetric_kl``.
+        label_smoothing: ε of that CE (``F.cross_entropy``'s: uniform target mass ε/V).
+        z_loss: coefficient of log-sum-exp² of the original view per labelled token (PaLM z-loss).
+        divergence: ``kl`` = KL(p_a‖p_b), ``reverse_kl`` = KL(p_b‖p_a), ``symmetric_kl``, or
+            ``jsd``: β·KL(p_a‖m) + (1−β)·KL(p_b‖m), m = β·p_a + (1−β)·p_b (its own chunked
+            pass: about twice the FLOPs of a KL).
+        jsd_beta: β of ``jsd``, in (0, 1).
         divergence_weight: weight of the bounded pull-apart term φ.
         margin: bound of φ in nats (``None``: unbounded −D).
         divergence_form: ``hinge`` = relu(margin − D) or ``clip`` = −min(D, margin).
@@ -200,7 +205,10 @@ class ObjectiveConfig:
     """
 
     ce_weight: float = 1.0
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
     divergence: str = field(default="kl", metadata={"choices": DIVERGENCES})
+    jsd_beta: float = 0.5
     divergence_weight: float = 1.0
     margin: Optional[float] = 3.0
     divergence_form: str = field(default="hinge", metadata={"choices": DIVERGENCE_FORMS})
@@ -214,7 +222,10 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         _number("ce_weight", self.ce_weight)
+        _number("label_smoothing", self.label_smoothing, low=0.0, high=1.0)
+        _number("z_loss", self.z_loss, low=0.0)
         _choice("divergence", self.divergence, DIVERGENCES)
+        _number("jsd_beta", self.jsd_beta, low=0.0, high=1.0, low_open=True, high_open=True)
         _number("divergence_weight", self.divergence_weight)
         if self.margin is not None:
             _number("margin", self.margin, low=0.0, low_open=True)
@@ -275,7 +286,8 @@ class ExecutionConfig:
     """How the statistics run.
 
     Args:
-        backend: of :func:`pcr_fast.two_view_stats` (``auto``: Triton on CUDA, torch elsewhere).
+        backend: of :func:`pcr_fast.two_view_stats` (``auto``: the torch backend, or Triton on a
+            CUDA architecture a GPU run has validated — none yet; ``triton`` opts in).
         detach_b: stop-gradient through view b, the augmented view (forward-only under
             ``no_grad`` in the HF hook: about a third less compute).
     """

@@ -2,11 +2,13 @@
 
 Per token t (DESIGN §3)::
 
-    ℓ_t = ce_weight · CE(p_a, y_t)                      (labelled tokens)
+    ℓ_t = ce_weight · CE_ε(p_a, y_t) + z_loss · lse_a,t²  (labelled tokens)
         + divergence_weight · φ(D_t)                     (selected tokens)
         + entropy_weight · ψ(H_t)                        (selected tokens)
 
-with ``D`` one of KL(p_a‖p_b), KL(p_b‖p_a) or their sum, ``φ`` a bounded "pull apart"
+with ``CE_ε`` the label-smoothed CE ``(1 − ε)·CE + ε·(lse − mean logit)`` (``F.cross_entropy``'s),
+``D`` one of KL(p_a‖p_b), KL(p_b‖p_a), their sum, or the generalised JSD_β (its own pass,
+:func:`pcr_fast.stats.two_view_jsd`), ``φ`` a bounded "pull apart"
 (``hinge``: relu(margin − D), zero once the views differ by ``margin`` nats; ``clip``:
 −min(D, margin), same gradient, negative values), and ``ψ`` the entropy penalty of the
 chosen view(s). Everything here is plain PyTorch on (N,) vectors: the heavy lifting is
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import DetectorConfig, ObjectiveConfig, PCRConfig
-from .stats import TwoViewStats, fused_chunked_objective, resolve_backend, two_view_stats
+from .stats import TwoViewStats, fused_chunked_objective, resolve_backend, two_view_jsd, two_view_stats
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -31,7 +33,7 @@ REDUCTIONS = ("mean", "sum", "none")
 class TwoViewLossOutput:
     """The objective and detached per-term values for logging (no host sync)."""
 
-    loss: Tensor            # scalar for mean/sum, (N,) for reduction="none"
+    loss: Tensor            # scalar for mean/sum, labels' shape for reduction="none"
     ce: Tensor              # mean CE of view a over labelled tokens
     divergence: Tensor      # mean D over the regularised tokens
     divergence_term: Tensor  # mean φ(D) (what the loss adds, before its weight)
@@ -39,13 +41,17 @@ class TwoViewLossOutput:
     num_tokens: Tensor      # labelled tokens in this batch
     stats: TwoViewStats     # detached per-row statistics
     gated_fraction: Optional[Tensor] = None  # share of responses the cross-view gate flagged
+    accuracy: Optional[Tensor] = None   # share of labelled tokens whose view-a argmax is the label
+    lse: Optional[Tensor] = None        # log-sum-exp of view a per token (labels' shape)
+    z_loss: Optional[Tensor] = None     # mean z_loss·lse² over labelled tokens (what the loss adds)
 
     def log_dict(self, prefix: str = "") -> dict:
         """Detached scalars keyed for a logger (call ``.item()`` off the hot path)."""
         out = {f"{prefix}ce": self.ce, f"{prefix}divergence": self.divergence,
                f"{prefix}divergence_term": self.divergence_term, f"{prefix}entropy": self.entropy}
-        if self.gated_fraction is not None:
-            out[f"{prefix}gated_fraction"] = self.gated_fraction
+        for name in ("gated_fraction", "z_loss"):
+            if getattr(self, name) is not None:
+                out[f"{prefix}{name}"] = getattr(self, name)
         return out
 
 
@@ -120,7 +126,12 @@ class TwoViewLoss(nn.Module):
                 f"reduction={self.reduction!r}, detach_b={self.detach_b}, gate_weight={o.gate_weight}")
 
     # -- the pieces, each on (N,) vectors -------------------------------------------------
-    def divergence_values(self, stats: TwoViewStats) -> Tensor:
+    def divergence_values(self, stats: TwoViewStats, jsd: Optional[Tensor] = None) -> Tensor:
+        """D per row (``jsd``: the per-row JSD_β, required for ``divergence="jsd"``)."""
+        if self.objective.divergence == "jsd":
+            if jsd is None:
+                raise ValueError("divergence='jsd' needs the per-row JSD (pcr_fast.stats.two_view_jsd)")
+            return jsd
         if self.objective.divergence == "kl":
             return stats.kl_ab
         if self.objective.divergence == "reverse_kl":
@@ -197,6 +208,9 @@ class TwoViewLoss(nn.Module):
         """The compute-minimal path: triton_chunked, a scalar loss, and gradients wanted."""
         if self.reduction == "none" or not torch.is_grad_enabled() or self.objective.gate_weight > 0:
             return False  # the gate pools whole responses: not separable into row chunks
+        o = self.objective
+        if o.label_smoothing > 0 or o.z_loss > 0 or o.divergence == "jsd":
+            return False  # terms on the extras or on the JSD's own pass
         if not any(t is not None and t.requires_grad for t in (h_a, weight, bias)):
             return False
         return resolve_backend(self.backend, h_a.device) == "triton_chunked"
@@ -244,12 +258,24 @@ class TwoViewLoss(nn.Module):
         else:  # separate normalisers when CE and regulariser cover different rows
             den_ce, den_reg = n_lab.clamp_min(1), n_reg.clamp_min(1)
 
-        def row_losses(st: TwoViewStats, rows: slice = slice(None)) -> Tensor:
+        o = self.objective
+        jsd = None
+        if o.divergence == "jsd" and o.divergence_weight != 0.0:
+            jsd = two_view_jsd(h_a, h_b, weight, beta=o.jsd_beta, bias=bias, temperature=self.temperature,
+                               softcap=self.softcap, detach_b=self.detach_b, chunk_size=self.chunk_size)
+
+        def row_losses(st: TwoViewStats, rows: slice = slice(None), extras=None) -> Tensor:
             """Per-row contributions whose sum is the loss (row-separable by design)."""
-            out = self.objective.ce_weight * st.ce_a / den_ce
+            ce = st.ce_a
+            if o.label_smoothing > 0:
+                smooth = (extras.lse - extras.logit_mean) * lab_f[rows]
+                ce = (1.0 - o.label_smoothing) * ce + o.label_smoothing * smooth
+            out = o.ce_weight * ce / den_ce
+            if o.z_loss > 0:
+                out = out + o.z_loss * extras.lse.square() * lab_f[rows] / den_ce
             reg_rows = reg_f[rows]
             if self.objective.divergence_weight != 0.0:
-                out = out + self.objective.divergence_weight * self.pull_apart(self.divergence_values(st)) * reg_rows / den_reg
+                out = out + self.objective.divergence_weight * self.pull_apart(self.divergence_values(st, jsd)) * reg_rows / den_reg
             if self.objective.entropy_weight != 0.0:
                 out = out + self.objective.entropy_weight * self.entropy_penalty(self.entropy_values(st)) * reg_rows / den_reg
             return out
@@ -257,11 +283,12 @@ class TwoViewLoss(nn.Module):
         gated_fraction = None
         fused = self._use_fused_chunked(h_a, weight, bias)
         if fused:
-            loss, stats = fused_chunked_objective(h_a, h_b, weight, labels, row_losses, bias=bias,
-                                                  **self._stats_kwargs())
+            loss, stats, extras = fused_chunked_objective(h_a, h_b, weight, labels, row_losses, bias=bias,
+                                                          with_extras=True, **self._stats_kwargs())
         else:
-            stats = two_view_stats(h_a, h_b, weight, labels, bias=bias, **self._stats_kwargs())
-            per_row = row_losses(stats)
+            stats, extras, _ = two_view_stats(h_a, h_b, weight, labels, bias=bias, with_extras=True,
+                                              **self._stats_kwargs())
+            per_row = row_losses(stats, extras=extras)
             gated_fraction = None
             if self.objective.gate_weight > 0:
                 flag, decisive = self.gate(stats, labelled, labels.shape[0])
@@ -270,11 +297,13 @@ class TwoViewLoss(nn.Module):
                                                       labelled)
                 per_row = per_row + self.objective.gate_weight * decisive * self.unlikelihood(stats.ce_a) / den_ce
                 gated_fraction = flag.to(dtype).mean()
-            loss = per_row if self.reduction == "none" else per_row.sum()
+            loss = per_row.view(labels.shape) if self.reduction == "none" else per_row.sum()
         with torch.no_grad():
             stats = TwoViewStats(*(x.detach() for x in stats))
-            div = self.divergence_values(stats)
+            div = self.divergence_values(stats, None if jsd is None else jsd.detach())
             lab_den, reg_den = n_lab.clamp_min(1), n_reg.clamp_min(1)
+            lse = extras.lse.detach()
+            hits = (extras.argmax == labels1) & labelled
             return TwoViewLossOutput(
                 loss=loss,
                 ce=stats.ce_a.sum() / lab_den,
@@ -284,6 +313,9 @@ class TwoViewLoss(nn.Module):
                 num_tokens=n_lab,
                 stats=stats,
                 gated_fraction=gated_fraction,
+                accuracy=hits.to(dtype).sum() / lab_den,
+                lse=lse.view(labels.shape),
+                z_loss=(o.z_loss * lse.square() * lab_f).sum() / lab_den if o.z_loss > 0 else None,
             )
 
 

@@ -52,7 +52,7 @@ def as_float64(pr: Problem) -> Problem:
                    pr.temperature, pr.softcap)
 
 
-def same_dtype_stats(pr: Problem):
+def same_dtype_stats(pr: Problem, detach_b: bool = False):
     """What plain PyTorch in the input dtype gives: logits materialised in that dtype."""
     def logits(h):
         z = h @ pr.weight.T
@@ -64,6 +64,8 @@ def same_dtype_stats(pr: Problem):
         return z / pr.temperature
 
     z_a, z_b = logits(pr.h_a), logits(pr.h_b)
+    if detach_b:
+        z_b = z_b.detach()
     lp, lq = torch.log_softmax(z_a, -1), torch.log_softmax(z_b, -1)
     p, q = lp.exp(), lq.exp()
     valid = pr.labels != -100

@@ -237,6 +237,26 @@ def test_loss_benchmark_record_is_well_formed(loss_bench, harness, benchmark, tm
     assert "pcr_torch" in table and "skipped" in table
 
 
+def test_loss_benchmark_single_view_rows(loss_bench, harness, tmp_path):
+    """The fused CE rows next to the peers': checked against their own objective's reference
+    (the eager F.cross_entropy), with the single-view floor of 6·N·D·V FLOPs."""
+    case = loss_bench.LossCase(41, 16, 97, "float32")
+    record = loss_bench.run_benchmark([case], torch.device("cpu"), quick=True, progress=False,
+                                      method_names=("pcr_torch", "ce_eager", "ce_pcr_torch", "ce_pcr_triton",
+                                                    "ce_liger", "ce_cce"))
+    harness.validate_record(record)
+    rows = {r["method"]: r for r in record["results"]}
+    assert rows["ce_eager"]["check"] == "reference" and rows["ce_pcr_torch"]["check"] == "ok", rows["ce_pcr_torch"]
+    assert rows["pcr_torch"]["check"] == "reference"   # each objective has its own reference
+    rate = record["device_roofline"]["matmul"]["flops_per_s"]
+    assert rows["ce_pcr_torch"]["floor_ms"]["forward_backward"] == pytest.approx(6 * 41 * 16 * 97 / rate * 1e3)
+    assert rows["ce_pcr_torch"]["memory"]["resident_bytes"] == (41 * 16 + 97 * 16) * 4
+    for name in ("ce_pcr_triton", "ce_liger", "ce_cce"):
+        assert rows[name]["status"] == "skipped" and "CUDA" in rows[name]["reason"]
+    value = rows["ce_eager"]["loss_value"]
+    assert rows["ce_pcr_torch"]["loss_value"] == pytest.approx(value, rel=1e-5)
+
+
 def test_patch_augment_benchmark_record_is_well_formed(harness, benchmark, tmp_path):
     pytest.importorskip("pcr_fast.augment")
     aug_bench = _load("bench_patch_augment")
@@ -259,6 +279,56 @@ def test_patch_augment_benchmark_record_is_well_formed(harness, benchmark, tmp_p
     path = harness.write_json(record, harness.result_path("patch_augment", "cpu", tmp_path))
     _check_png(aug_bench.plot_record(record, path.with_suffix(".png")))
     assert "pcr_torch" in harness.print_table("t", aug_bench.TABLE_COLUMNS, aug_bench.table_rows(record))
+
+
+def test_step_benchmark_record_is_well_formed(harness, tmp_path):
+    step_bench = _load("bench_step")
+    record = step_bench.run_benchmark("tiny", torch.device("cpu"), batch_size=2, quick=True)
+    harness.validate_record(record)
+    rows = {r["method"]: r for r in record["results"]}
+    assert set(rows) == set(step_bench.METHODS)
+    for name, r in rows.items():
+        assert r["status"] == "ok", (name, r.get("reason"))
+        t = r["timings"]["step"]
+        assert r["samples_per_s"] == pytest.approx(2 / (t["median_ms"] * 1e-3))
+        assert r["tokens_per_s"] == pytest.approx(record["settings"]["tokens_per_batch"] / (t["median_ms"] * 1e-3))
+        assert r["memory"]["peak_bytes"] > 0
+    path = harness.write_json(record, harness.result_path("train_step", "cpu", tmp_path))
+    _check_png(step_bench.plot_record(record, path.with_suffix(".png")))
+    assert "pcr_online" in harness.print_table("t", step_bench.TABLE_COLUMNS, step_bench.table_rows(record))
+
+
+def test_gpu_check_script_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh is correct by construction: the dry run prints the plan in
+    order (the half-precision backward check first), within 8 minutes of limits, and every
+    script it calls exists and parses its arguments."""
+    import subprocess
+
+    script = BENCH_DIR / "gpu_check.sh"
+    proc = subprocess.run(["bash", str(script), "--dry-run", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("[")]
+    names = [ln.split("]")[1].split()[0] for ln in lines]
+    assert names.index("gpu-tests-half-precision-backward-first") < names.index("gpu-tests-all")
+    assert names[-3:] == ["loss-benchmark", "augment-benchmark", "step-benchmark"]
+    total = sum(int(ln.split("]")[0].strip(" [s")) for ln in lines)
+    assert total <= 480, total
+    assert not (tmp_path / "out").exists()   # a dry run writes nothing
+    for ln in lines:   # every benchmark command parses its arguments
+        cmd = ln.split("]", 1)[1].split(None, 1)[1]
+        if "benchmarks/bench_" in cmd:
+            argv = cmd.split()[1:]
+            name = Path(argv[0]).stem
+            module = _load(name)
+            parser_ok = subprocess.run([sys.executable, str(BENCH_DIR / f"{name}.py"), *argv[1:], "--help"],
+                                       capture_output=True, text=True, timeout=120)
+            assert parser_ok.returncode == 0, parser_ok.stderr
+            assert hasattr(module, "main")
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                                str(BENCH_DIR.parent / "tests" / "test_gpu_kernels.py"), "-k", "half_precision_operands"],
+                               capture_output=True, text=True, timeout=300, cwd=BENCH_DIR.parent)
+    assert "half_precision_operands" in collected.stdout, collected.stdout[-2000:]
 
 
 def test_qwen_rows_case_geometry():

@@ -291,7 +291,8 @@ def test_out_of_range_label_gives_nan_when_unchecked(backend, monkeypatch):
     real = stats_mod.validate_inputs
 
     def no_range_check(h_a, h_b, weight, labels, *a):
-        return real(h_a, h_b, weight, torch.where(labels >= weight.shape[0], 0, labels), *a)[:2] + (labels,)
+        h_a2, h_b2, _, softcap = real(h_a, h_b, weight, torch.where(labels >= weight.shape[0], 0, labels), *a)
+        return h_a2, h_b2, labels, softcap
 
     monkeypatch.setattr(stats_mod, "validate_inputs", no_range_check)
     pr = make_problem(6, 8, 50, ignore_frac=0.0)
@@ -318,3 +319,131 @@ def test_peaked_rows_with_competing_large_logits_keep_kl_gradient_accurate(backe
     lp, lq = torch.log_softmax(h64, -1), torch.log_softmax(z_b.double(), -1)
     (gt,) = torch.autograd.grad((lp.exp() * (lp - lq)).sum(), [h64])
     assert ((g.double() - gt).abs().max() / gt.abs().max()) < 2e-2
+
+
+# ---------------------------------------------------------------- memory plans and splits
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("detach_b", [False, True])
+def test_small_memory_budget_walks_the_plane_in_pieces(backend, detach_b, monkeypatch):
+    """A tiny budget forces row groups and vocabulary slabs (the two-pass backward of the
+    fused backend): the result must not change."""
+    from pcr_fast.kernels import launch
+
+    monkeypatch.setitem(launch.MEMORY_BUDGET, backend, 24 << 10)
+    dtype = torch.bfloat16 if backend == "triton" else torch.float32   # bf16: fp32 dh accumulators are extra
+    pr = make_problem(150, 24, 700, bias=True, softcap=9.0, temperature=1.2, scale=3.0, dtype=dtype)
+    if backend == "triton":
+        plan = launch.backward_plan(150, 700, 24, slab_bytes_per_cell=4, dh_bytes_per_row=2 * 24 * 4, need_dh=True,
+                                    need_dw=True, budget=24 << 10)
+        assert not plan.fused and plan.rows_per_group < 150 and plan.slab_dh < 700 and plan.slab_dw < 700
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    out = two_view_stats(pr.h_a, pr.h_b, pr.weight, pr.labels, backend=backend, detach_b=detach_b, **pr.kwargs())
+    ref = two_view_stats(*[t.detach().double().requires_grad_() for t in (pr.h_a, pr.h_b, pr.weight)],
+                         pr.labels, bias=pr.bias.detach().double().requires_grad_(), temperature=1.2, softcap=9.0,
+                         backend="reference", detach_b=detach_b)
+    up = [torch.randn(150) for _ in range(6)]
+    g = grads_of(out, pr.leaves(), up)
+    for name, o, t in zip(STAT_NAMES, out, ref):
+        torch.testing.assert_close(o.double(), t.detach(), **tol, msg=name)
+    p64 = as_float64(pr)
+    truth = two_view_stats(p64.h_a, p64.h_b, p64.weight, p64.labels, bias=p64.bias, temperature=1.2, softcap=9.0,
+                           backend="reference", detach_b=detach_b)
+    gt = grads_of(truth, p64.leaves(), [u.double() for u in up])
+    for name, o, t in zip(["d_h_a", "d_h_b", "d_weight", "d_bias"], g, gt):
+        if t is None:
+            assert o is None, name
+            continue
+        scale = t.abs().max()
+        torch.testing.assert_close(o.double() / scale, t / scale, **tol, msg=name)
+
+
+def test_backward_plan_respects_the_budget():
+    from pcr_fast.kernels.launch import SLAB_ALIGN, backward_plan
+
+    for n, v, d, budget in [(8192, 151936, 4096, 48 << 20), (37, 1001, 23, 1 << 30), (5000, 262144, 2560, 64 << 20)]:
+        cell, dh_row = 4, 2 * d * 4
+        plan = backward_plan(n, v, d, slab_bytes_per_cell=cell, dh_bytes_per_row=dh_row, need_dh=True, need_dw=True,
+                             budget=budget)
+        assert plan.slab_dh % SLAB_ALIGN == 0 or plan.slab_dh == v
+        if plan.fused:
+            assert n * dh_row + n * plan.slab_dh * cell <= budget
+        else:
+            assert plan.rows_per_group * (dh_row + plan.slab_dh * cell) <= budget
+            assert n * plan.slab_dw * cell <= budget
+    big = backward_plan(8192, 151936, 4096, slab_bytes_per_cell=4, dh_bytes_per_row=2 * 4096 * 4, need_dh=True,
+                        need_dw=True, budget=48 << 20)
+    assert not big.fused   # 256 MB of fp32 dh cannot fit in 48 MB: dh per row group, dW per slab
+
+
+@pytest.mark.parametrize("two_views", [True, False])
+def test_vocabulary_splits_of_the_fused_forward_merge_exactly(two_views, monkeypatch):
+    """On a GPU a small N splits the vocabulary across programs; the split states merge
+    into the same statistics (the interpreter never splits, so force it here)."""
+    import pcr_fast.kernels.two_view_fwd as fwd
+
+    monkeypatch.setattr(fwd, "vocab_splits", lambda n, v, cfg, device=None: 3)
+    pr = make_problem(21, 16, 5000, bias=True, scale=4.0)
+    if two_views:
+        out = two_view_stats(pr.h_a, pr.h_b, pr.weight, pr.labels, bias=pr.bias, backend="triton")
+        truth, _ = truth_stats(pr)
+        for name, o, t in zip(STAT_NAMES, out, truth):
+            torch.testing.assert_close(o.double(), t.detach(), atol=2e-5, rtol=1e-5, msg=name)
+    else:
+        from pcr_fast.stats import single_view_stats
+
+        out = single_view_stats(pr.h_a, pr.weight, pr.labels, bias=pr.bias, backend="triton")
+        ref = single_view_stats(pr.h_a.detach().double(), pr.weight.detach().double(), pr.labels,
+                                bias=pr.bias.detach().double(), backend="reference")
+        for name, o, t in zip(ref._fields, out, ref):
+            torch.testing.assert_close(o.double() if o.is_floating_point() else o, t, atol=2e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ["reference"])
+def test_extras_match_the_float64_reference_and_are_differentiable(backend):
+    pr = make_problem(31, 20, 900, bias=True, softcap=12.0, temperature=0.9, scale=3.0)
+    stats, ex_a, ex_b = two_view_stats(pr.h_a, pr.h_b, pr.weight, pr.labels, backend=backend, with_extras=True,
+                                       **pr.kwargs())
+    assert isinstance(stats, TwoViewStats)
+    p64 = as_float64(pr)
+    from pcr_fast.backends.reference import reference_view_extras
+
+    for ex, h in ((ex_a, p64.h_a), (ex_b, p64.h_b)):
+        lse, mean, amax = reference_view_extras(h, p64.weight, p64.bias, 0.9, 12.0)
+        # independent of pcr_fast: torch's own logsumexp/mean/argmax of the float64 logits
+        z = 12.0 * torch.tanh((h @ p64.weight.T + p64.bias) / 12.0) / 0.9
+        torch.testing.assert_close(lse, torch.logsumexp(z, -1))
+        torch.testing.assert_close(ex.lse.double(), lse.detach(), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(ex.logit_mean.double(), mean.detach(), atol=2e-5, rtol=1e-5)
+        assert ex.argmax.dtype == torch.int64 and torch.equal(ex.argmax, z.argmax(-1))
+    up = torch.randn(31)
+    g = torch.autograd.grad((ex_a.lse * up).sum() + ex_b.logit_mean.sum(), pr.leaves())
+    z_a = 12.0 * torch.tanh((p64.h_a @ p64.weight.T + p64.bias) / 12.0) / 0.9
+    z_b = 12.0 * torch.tanh((p64.h_b @ p64.weight.T + p64.bias) / 12.0) / 0.9
+    gt = torch.autograd.grad((torch.logsumexp(z_a, -1) * up.double()).sum() + z_b.mean(-1).sum(), p64.leaves())
+    for o, t in zip(g, gt):
+        torch.testing.assert_close(o.double(), t, atol=2e-5 * float(t.abs().max()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["stats", "augment"])
+def test_auto_picks_triton_on_cuda_only_where_validated(op, monkeypatch, caplog):
+    """Honest default: until a GPU run validates the kernels on an architecture, 'auto' on
+    CUDA picks the torch backend (explicit 'triton' still works); a validated capability
+    switches 'auto' to Triton."""
+    import logging
+
+    import pcr_fast.backends as backends
+    from pcr_fast.kernels.launch import assume_capability
+
+    monkeypatch.setattr(backends, "triton_available", lambda device: True)
+    monkeypatch.delenv("PCR_FAST_BACKEND", raising=False)
+    monkeypatch.delenv("PCR_FAST_AUGMENT_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    assert backends.VALIDATED_CAPABILITIES[op] == frozenset()   # no GPU run yet
+    with assume_capability((9, 0)), caplog.at_level(logging.INFO, logger="pcr_fast.backends"):
+        assert backends.select_backend(op, "auto", cuda) == "torch"
+        assert backends.select_backend(op, "triton", cuda) == "triton"
+        monkeypatch.setitem(backends.VALIDATED_CAPABILITIES, op, frozenset({(9, 0)}))
+        assert backends.select_backend(op, "auto", cuda) == "triton"
+    with assume_capability((8, 0)):
+        assert backends.select_backend(op, "auto", cuda) == "torch"
+    assert backends.select_backend(op, "auto", torch.device("cpu")) == "torch"

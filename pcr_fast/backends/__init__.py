@@ -10,17 +10,27 @@ them for a device; every op of the library calls it.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
-from ..kernels.launch import interpreting
+from ..kernels.launch import capability, interpreting
+
+logger = logging.getLogger(__name__)
 
 #: the ``backend=`` values each op accepts, and the environment variable that overrides ``auto``
 OPS = {
     "stats": (("auto", "triton", "triton_chunked", "torch", "reference"), "PCR_FAST_BACKEND"),
     "augment": (("auto", "triton", "torch"), "PCR_FAST_AUGMENT_BACKEND"),
 }
+
+
+#: compute capabilities on which a GPU run has validated each op's Triton kernels. ``auto``
+#: picks Triton on CUDA only there (empty: no GPU run yet; opt in with ``backend="triton"``
+#: or the op's environment variable). The GPU validation run adds entries, e.g. ``(9, 0)``.
+VALIDATED_CAPABILITIES = {"stats": frozenset(), "augment": frozenset()}
+_ANNOUNCED = set()
 
 
 def triton_available(device: torch.device) -> bool:
@@ -30,9 +40,24 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cpu" and interpreting()
 
 
+def _auto(op: str, device: torch.device) -> str:
+    """``triton`` on a CUDA device whose compute capability is validated for ``op``, else ``torch``."""
+    if device.type != "cuda" or not triton_available(device):
+        return "torch"
+    cap = tuple(capability(device))
+    if cap in VALIDATED_CAPABILITIES[op]:
+        return "triton"
+    if (op, cap) not in _ANNOUNCED:
+        _ANNOUNCED.add((op, cap))
+        logger.info("pcr_fast: backend='auto' uses the torch backend for %s on compute capability %d.%d: its "
+                    "Triton kernels are not validated there yet (opt in with backend='triton')", op, *cap)
+    return "torch"
+
+
 def select_backend(op: str, backend: str, device: torch.device) -> str:
     """Validate ``backend`` for ``op`` (``"stats"`` or ``"augment"``); map ``auto`` (or the
-    op's environment variable) to ``triton`` on CUDA and ``torch`` elsewhere."""
+    op's environment variable) to ``triton`` on a CUDA device of a validated compute
+    capability (:data:`VALIDATED_CAPABILITIES`) and to ``torch`` everywhere else."""
     if op not in OPS:
         raise ValueError(f"op must be one of {tuple(OPS)}, got {op!r}")
     allowed, env_var = OPS[op]
@@ -43,7 +68,7 @@ def select_backend(op: str, backend: str, device: torch.device) -> str:
         if backend not in allowed:
             raise ValueError(f"{env_var} must be one of {allowed}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+        return _auto(op, torch.device(device))
     if backend.startswith("triton") and not triton_available(device):
         raise ValueError(f"backend={backend!r} needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
                          f"got a tensor on {device}. Use backend='torch' or 'auto'.")

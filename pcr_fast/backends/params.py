@@ -9,17 +9,19 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class StatsParams:
-    """Scalars of the two-view statistics (hashable, so it can key kernel caches).
+    """Scalars of the per-row statistics (hashable, so it can key kernel caches).
 
     ``detach_b`` treats view b's distribution as a constant: no gradient flows into h_b,
     nor into weight/bias through view b's logits (a stop-gradient on the augmented view).
+    ``chunk_size``: rows per forward chunk of the chunked backends (None: from the
+    backend's memory budget, :data:`pcr_fast.kernels.launch.MEMORY_BUDGET`).
     """
 
     temperature: float = 1.0
     softcap: Optional[float] = None
     ignore_index: int = -100
     detach_b: bool = False
-    chunk_size: int = 1024
+    chunk_size: Optional[int] = None
 
 
 class TwoViewStats(NamedTuple):
@@ -35,6 +37,33 @@ class TwoViewStats(NamedTuple):
     kl_ba: Tensor  # KL(p_b || p_a)
     ent_a: Tensor  # H(p_a)
     ent_b: Tensor  # H(p_b)
+
+
+class ViewExtras(NamedTuple):
+    """Cheap by-products of one view's pass over the vocabulary, each (N,).
+
+    ``lse`` (log-sum-exp of the scaled logits, for z-loss) and ``logit_mean`` (their mean
+    over the vocabulary, for label smoothing) are differentiable; ``argmax`` (int64, for
+    token accuracy) is not.
+    """
+
+    lse: Tensor
+    logit_mean: Tensor
+    argmax: Tensor
+
+
+class SingleViewStats(NamedTuple):
+    """Per-row statistics of one view (the plain cross-entropy's), each (N,).
+
+    ``ce`` is 0 where ``labels == ignore_index``; ``lse``, ``entropy``, ``logit_mean`` cover
+    every row and are differentiable like ``ce``; ``argmax`` is int64 (no gradient).
+    """
+
+    ce: Tensor
+    lse: Tensor
+    entropy: Tensor
+    logit_mean: Tensor
+    argmax: Tensor
 
 
 @dataclass

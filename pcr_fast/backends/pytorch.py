@@ -1,197 +1,239 @@
-"""The torch backend: chunked two-view statistics (any device) and the patch gather.
+"""The torch backend: the two-view (or single-view) statistics in plain PyTorch, any device,
+and the patch gather.
 
-Rows are processed ``chunk_size`` at a time: the chunk's logits (chunk × V, float32) are
-the only large temporary, so memory is O(chunk·V) instead of O(N·V). The backward
-recomputes each chunk's logits and applies the closed-form gradients (DESIGN §2). The two
-helpers :func:`rows_stats` and :func:`rows_grad_logits` are the same math the Triton
-kernels implement, written in plain torch; the Triton ``chunked`` mode falls back to them
-when Triton is unavailable.
+Same contract and math as the Triton kernels (:mod:`pcr_fast.kernels.stats_table`): the
+forward reduces row chunks of materialised scaled logits to online states; the backward
+walks vocabulary slabs of all rows, evaluates the closed-form logit gradient from the saved
+per-row statistics, and runs the two GEMMs in the hidden states' dtype: dW per slab, written
+once in the weight's dtype, and dh accumulated over slabs (fp32, or float64 for float64
+inputs). Row chunks and slabs are sized to ``MEMORY_BUDGET["torch"]``
+(:mod:`pcr_fast.kernels.launch`).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..kernels import launch
+from ..kernels.stats_table import N_STATE, finalize, grad_from_logits, state_from_logits
+from .common import Needs, coefficients, function_outputs, library_logits, no_grads
 from .params import StatsParams, UnitGrid
 
+# bytes of torch temporaries per (row, vocabulary column) and view: logits in the input dtype
+# and fp32, their scale factor, the probabilities and the gradient's intermediates
+_FWD_BYTES_PER_CELL = 26
+_BWD_BYTES_PER_CELL = 40
 
-def capped_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], params: StatsParams):
-    """Return ``(z, cap_grad)``: scaled logits in float32/64 and d(z·T)/d(raw) (or None)."""
-    dt = torch.float64 if h.dtype == torch.float64 else torch.float32
-    if h.device.type == "cpu" or h.dtype == dt:
-        s = h.to(dt) @ weight.to(dt).T
-    else:  # tensor-core matmul in the input precision, statistics in float32
-        s = (h @ weight.to(h.dtype).T).to(dt)
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scaled_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], params: StatsParams,
+                  cols: slice = slice(None)):
+    """``(z, dz/draw)`` of ``raw = h @ weight[cols].T + bias[cols]`` (matmul in h's dtype,
+    the rest in the compute dtype): ``z = softcap·tanh(raw/softcap)/T``."""
+    dt = compute_dtype(h.dtype)
+    raw = library_logits(h, weight, None, cols).to(dt)
     if bias is not None:
-        s = s + bias.to(dt)
-    cap_grad = None
-    if params.softcap is not None:
-        c = torch.tanh(s / params.softcap)
-        cap_grad = 1.0 - c * c
-        s = params.softcap * c
-    if params.temperature != 1.0:
-        s = s / params.temperature
-    return s, cap_grad
+        raw += bias[cols].to(dt)
+    inv_t = 1.0 / params.temperature
+    if params.softcap is None:
+        return raw.mul_(inv_t), None if inv_t == 1.0 else torch.full((), inv_t, dtype=dt, device=h.device)
+    u = raw.div_(params.softcap)
+    e = torch.exp(-2.0 * u.abs())
+    dz = (4.0 * inv_t) * e / (1.0 + e).square_()   # sech² without cancellation
+    z = torch.tanh(u).mul_(params.softcap * inv_t)
+    return z, dz
 
 
-def rows_stats(z_a: Tensor, z_b: Tensor, labels: Tensor, ignore_index: int):
-    """Six statistics plus ``lse_a, lse_b`` for a block of rows of scaled logits.
-
-    Consumes ``z_a``/``z_b`` (overwritten in place) so a chunk needs only two more
-    (rows × V) temporaries, the probabilities.
-    """
-    valid = labels != ignore_index
-    in_range = (labels >= 0) & (labels < z_a.shape[1])
-    safe = torch.where(valid & in_range, labels, torch.zeros_like(labels))[:, None]
-    zy_a = z_a.gather(1, safe)[:, 0]
-    zy_b = z_b.gather(1, safe)[:, 0]
-    lse_a = torch.logsumexp(z_a, dim=-1)
-    lse_b = torch.logsumexp(z_b, dim=-1)
-    # softmax normalises by the exact Σe^{z−m}; exp(z − lse) need not sum to 1 in fp32
-    # when lse rounds (peaked rows with large logits), which would bias KL and H.
-    p = torch.softmax(z_a, dim=-1)
-    q = torch.softmax(z_b, dim=-1)
-    logp = z_a.sub_(lse_a[:, None])
-    logq = z_b.sub_(lse_b[:, None])
-    ent_a = -torch.linalg.vecdot(p, logp)
-    ent_b = -torch.linalg.vecdot(q, logq)
-    diff = logp.sub_(logq)
-    kl_ab = torch.linalg.vecdot(p, diff)
-    kl_ba = -torch.linalg.vecdot(q, diff)
-    zero = torch.zeros((), dtype=z_a.dtype, device=z_a.device)
-    nan = torch.full((), float("nan"), dtype=z_a.dtype, device=z_a.device)
-    # out-of-range labels (only reachable on CUDA, where checking would sync) give NaN
-    ce_a = torch.where(valid, torch.where(in_range, lse_a - zy_a, nan), zero)
-    ce_b = torch.where(valid, torch.where(in_range, lse_b - zy_b, nan), zero)
-    return (ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b), lse_a, lse_b
-
-
-def _zero_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if g is None else g
-
-
-def rows_grad_logits(z_a: Tensor, z_b: Tensor, labels: Tensor, ignore_index: int,
-                     lse_a: Tensor, lse_b: Tensor, grads: Sequence[Optional[Tensor]],
-                     need_b: bool = True):
-    """Closed-form gradient of ``Σ_k g_k · stat_k`` w.r.t. the scaled logits of each view.
-
-    ``grads`` holds the upstream gradients (ce_a, ce_b, kl_ab, kl_ba, ent_a, ent_b), each
-    (rows,) or None. Consumes ``z_a``/``z_b`` (overwritten in place with log p, log q) to
-    keep the chunk's temporaries few. Returns ``(g_za, g_zb or None)``. Grouped per row as
-
-        g_a = p ⊙ (α_a + β_a·(log p − log q) + γ_a·log p) − g_klba·q − w_a·e_y
-        g_b = q ⊙ (α_b + β_b·(log q − log p) + γ_b·log q) − g_klab·p − w_b·e_y
-
-    KL and H are re-reduced from these very p, q (not the saved values): for peaked rows
-    the terms p·(log p − log q − KL) cancel to ~0 and only a bit-consistent KL cancels
-    cleanly there (what autograd through log_softmax does too).
-    """
-    g_ce_a, g_ce_b, g_kl_ab, g_kl_ba, g_ent_a, g_ent_b = grads
-    any_b = any(g is not None for g in (g_ce_b, g_kl_ab, g_kl_ba, g_ent_b))
-    p = torch.softmax(z_a, dim=-1)
-    q = torch.softmax(z_b, dim=-1)
-    logp = z_a.sub_(lse_a[:, None])
-    logq = z_b.sub_(lse_b[:, None])
-    diff = logp - logq if (g_kl_ab is not None or g_kl_ba is not None) else None
-    rows = lse_a
-    valid = (labels != ignore_index) & (labels >= 0) & (labels < z_a.shape[1])
-    safe = torch.where(valid, labels, torch.zeros_like(labels))[:, None]
-
-    def view_grad(prob, other, logprob, signed_diff, w_ce, g_kl_self, g_kl_other, g_ent):
-        alpha = torch.where(valid, _zero_if_none(w_ce, rows), torch.zeros_like(rows))
-        w_ce_eff = alpha.clone()
-        if g_kl_other is not None:
-            alpha = alpha + g_kl_other
-        inner = alpha[:, None].expand_as(prob).clone()
-        if g_kl_self is not None:
-            kl_self = torch.linalg.vecdot(prob, signed_diff)
-            inner.sub_((g_kl_self * kl_self)[:, None]).addcmul_(g_kl_self[:, None], signed_diff)
-        if g_ent is not None:
-            ent = -torch.linalg.vecdot(prob, logprob)
-            inner.sub_((g_ent * ent)[:, None]).addcmul_(-g_ent[:, None], logprob)
-        grad = inner.mul_(prob)
-        if g_kl_other is not None:
-            grad.addcmul_(-g_kl_other[:, None], other)
-        grad.scatter_add_(1, safe, -w_ce_eff[:, None])
-        return grad
-
-    g_a = view_grad(p, q, logp, diff, g_ce_a, g_kl_ab, g_kl_ba, g_ent_a)
-    g_b = None
-    if need_b and any_b:
-        neg = None if diff is None else diff.neg_()
-        g_b = view_grad(q, p, logq, neg, g_ce_b, g_kl_ba, g_kl_ab, g_ent_b)
-    return g_a, g_b
-
-
-def to_raw_grad(g_z: Tensor, cap_grad: Optional[Tensor], params: StatsParams) -> Tensor:
-    """Chain the scaled-logit gradient through the temperature and the softcap."""
-    if params.temperature != 1.0:
-        g_z = g_z.div_(params.temperature)
-    if cap_grad is not None:
-        g_z = g_z.mul_(cap_grad)
-    return g_z
+def _rows_per_chunk(n: int, v: int, views: int, params: StatsParams) -> int:
+    if params.chunk_size is not None:
+        return int(params.chunk_size)
+    return launch.forward_rows(n, v, bytes_per_cell=views * _FWD_BYTES_PER_CELL,
+                               budget=launch.MEMORY_BUDGET["torch"])
 
 
 class TorchChunkedStats(torch.autograd.Function):
-    """Autograd Function of the chunked torch backend (see module docstring)."""
+    """Autograd Function of the torch backend (see module docstring). ``h_b=None``: one view."""
 
     @staticmethod
     def forward(ctx, h_a, h_b, weight, bias, labels, params: StatsParams):
         n = h_a.shape[0]
-        dt = torch.float64 if h_a.dtype == torch.float64 else torch.float32
-        out = torch.empty(6, n, dtype=dt, device=h_a.device)
-        lse = torch.empty(2, n, dtype=dt, device=h_a.device)
-        for start in range(0, n, params.chunk_size):
-            sl = slice(start, min(n, start + params.chunk_size))
-            z_a, _ = capped_logits(h_a[sl], weight, bias, params)
-            z_b, _ = capped_logits(h_b[sl], weight, bias, params)
-            stats, lse_a, lse_b = rows_stats(z_a, z_b, labels[sl], params.ignore_index)
-            out[:, sl] = torch.stack(stats)
-            lse[0, sl], lse[1, sl] = lse_a, lse_b
-        ctx.save_for_backward(h_a, h_b, weight, bias, labels, out, lse)
+        v = weight.shape[0]
+        two = h_b is not None
+        dt = compute_dtype(h_a.dtype)
+        states = torch.zeros((2 * N_STATE, n), dtype=dt, device=h_a.device)
+        step = _rows_per_chunk(n, v, 1 + int(two), params)
+        for r0 in range(0, n, step):
+            rows = slice(r0, min(n, r0 + step))
+            z_a = scaled_logits(h_a[rows], weight, bias, params)[0]
+            z_b = scaled_logits(h_b[rows], weight, bias, params)[0] if two else None
+            states[:, rows] = state_from_logits(z_a, z_b, labels[rows])
+            del z_a, z_b
+        table = finalize(states, labels, v, params.ignore_index, two_views=two)
+        ctx.save_for_backward(h_a, h_b, weight, bias, labels, table)
         ctx.params = params
-        ctx.set_materialize_grads(False)
-        return tuple(out.unbind(0))
+        return function_outputs(ctx, table, dt)
 
     @staticmethod
     def backward(ctx, *grads):
-        h_a, h_b, weight, bias, labels, out, lse = ctx.saved_tensors
-        params: StatsParams = ctx.params
-        need_ha, need_hb, need_w, need_b = ctx.needs_input_grad[:4]
-        b_side = not params.detach_b
-        dt = out.dtype
-        d_ha = torch.zeros(h_a.shape, dtype=dt, device=h_a.device) if need_ha else None
-        d_hb = torch.zeros(h_b.shape, dtype=dt, device=h_b.device) if need_hb and b_side else None
-        d_w = torch.zeros(weight.shape, dtype=dt, device=weight.device) if need_w else None
-        d_b = torch.zeros(weight.shape[0], dtype=dt, device=weight.device) if need_b else None
-        w_dt = weight.to(dt)
-        n = h_a.shape[0]
-        for start in range(0, n, params.chunk_size):
-            sl = slice(start, min(n, start + params.chunk_size))
-            z_a, cap_a = capped_logits(h_a[sl], weight, bias, params)
-            z_b, cap_b = capped_logits(h_b[sl], weight, bias, params)
-            g = [None if x is None else x[sl].to(dt) for x in grads]
-            g_a, g_b = rows_grad_logits(z_a, z_b, labels[sl], params.ignore_index,
-                                        lse[0, sl], lse[1, sl], g, need_b=b_side)
-            g_a = to_raw_grad(g_a, cap_a, params)
-            g_b = to_raw_grad(g_b, cap_b, params) if g_b is not None else None
-            if d_ha is not None:
-                d_ha[sl] = g_a @ w_dt
-            if d_hb is not None and g_b is not None:  # d_hb starts at zero
-                d_hb[sl] = g_b @ w_dt
+        if no_grads(grads):
+            return None, None, None, None, None, None
+        h_a, h_b, weight, bias, labels, table = ctx.saved_tensors
+        p: StatsParams = ctx.params
+        two = h_b is not None
+        needs = Needs(ctx, two, p.detach_b, bias is not None)
+        n, d = h_a.shape
+        v = weight.shape[0]
+        dt = table.dtype
+        coef = coefficients(table, grads, labels, v, p.ignore_index)
+        dh_views = int(needs.h_a) + int(needs.h_b)
+        plan = launch.backward_plan(
+            n, v, d, slab_bytes_per_cell=(1 + int(two)) * _BWD_BYTES_PER_CELL,
+            dh_bytes_per_row=(0 if dt == h_a.dtype else dh_views * d * 4) + d * h_a.element_size(),
+            need_dh=dh_views > 0, need_dw=needs.weight or needs.bias, budget=launch.MEMORY_BUDGET["torch"])
+        slab = plan.slab_dw or plan.slab_dh   # one pass over vocabulary slabs of all rows
+        d_ha = torch.zeros((n, d), dtype=dt, device=h_a.device) if needs.h_a else None
+        d_hb = torch.zeros((n, d), dtype=dt, device=h_a.device) if needs.h_b else None
+        d_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if needs.weight else None
+        d_bias = torch.zeros(v, dtype=dt, device=weight.device) if needs.bias else None
+        for c0 in range(0, v, slab):
+            cols = slice(c0, min(v, c0 + slab))
+            z_a, dz_a = scaled_logits(h_a, weight, bias, p, cols)
+            z_b, dz_b = scaled_logits(h_b, weight, bias, p, cols) if two else (None, None)
+            g_a, g_b = grad_from_logits(z_a, z_b, coef, labels - c0, needs.g_b)
+            del z_a, z_b
+            g_a = (g_a if dz_a is None else g_a.mul_(dz_a)).to(h_a.dtype)
+            if g_b is not None:
+                g_b = (g_b if dz_b is None else g_b.mul_(dz_b)).to(h_a.dtype)
+            if d_ha is not None or d_hb is not None:
+                w = weight[cols].to(h_a.dtype)
+                if d_ha is not None:
+                    d_ha.add_(g_a @ w)
+                if d_hb is not None and g_b is not None:
+                    d_hb.add_(g_b @ w)
+                del w
             if d_w is not None:
-                d_w += g_a.T @ h_a[sl].to(dt)
+                part = g_a.T @ h_a
                 if g_b is not None:
-                    d_w += g_b.T @ h_b[sl].to(dt)
-            if d_b is not None:
-                d_b += g_a.sum(0)
+                    part.addmm_(g_b.T, h_b)
+                d_w[cols] = part
+                del part
+            if d_bias is not None:
+                d_bias[cols] += g_a.sum(0, dtype=dt)
                 if g_b is not None:
-                    d_b += g_b.sum(0)
+                    d_bias[cols] += g_b.sum(0, dtype=dt)
+            del g_a, g_b
         cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
-        return (cast(d_ha, h_a), cast(d_hb, h_b), cast(d_w, weight),
-                None if d_b is None else d_b.to(bias.dtype), None, None)
+        return cast(d_ha, h_a), cast(d_hb, h_b), d_w, cast(d_bias, bias), None, None
+
+
+class TorchJSD(torch.autograd.Function):
+    """Per-row generalised Jensen–Shannon divergence of two views, chunked (any device).
+
+    ``JSD_β(p_a‖p_b) = β·KL(p_a‖m) + (1−β)·KL(p_b‖m)``, ``m = β·p_a + (1−β)·p_b``. It needs
+    ``Σ p log m``, which no combination of the six statistics gives, so it takes its own
+    pass: the forward reduces row chunks of materialised logits (log-sum-exps, then the two
+    KLs to the mixture); the backward walks vocabulary slabs of all rows with the saved
+    per-row values — ``d/dz_a = β·p_a ⊙ (log p_a − log m − KL(p_a‖m))`` and likewise for b —
+    and runs the GEMMs in the hidden states' dtype. Cost: one more logits pass in the forward
+    and one in the backward next to the statistics' own (about twice the FLOPs of a KL term).
+    """
+
+    @staticmethod
+    def forward(ctx, h_a, h_b, weight, bias, params: StatsParams, beta: float):
+        n = h_a.shape[0]
+        v = weight.shape[0]
+        dt = compute_dtype(h_a.dtype)
+        rows_out = torch.empty((4, n), dtype=dt, device=h_a.device)   # lse_a, lse_b, KL(p‖m), KL(q‖m)
+        step = _rows_per_chunk(n, v, 2, params)
+        for r0 in range(0, n, step):
+            rows = slice(r0, min(n, r0 + step))
+            z_a = scaled_logits(h_a[rows], weight, bias, params)[0]
+            z_b = scaled_logits(h_b[rows], weight, bias, params)[0]
+            lse_a, lse_b = torch.logsumexp(z_a, -1), torch.logsumexp(z_b, -1)
+            lp, lq = z_a.sub_(lse_a[:, None]), z_b.sub_(lse_b[:, None])
+            kl_am, kl_bm = _kl_to_mixture(lp, lq, beta)
+            rows_out[:, rows] = torch.stack([lse_a, lse_b, kl_am, kl_bm])
+            del z_a, z_b, lp, lq
+        ctx.save_for_backward(h_a, h_b, weight, bias, rows_out)
+        ctx.params, ctx.beta = params, beta
+        ctx.set_materialize_grads(False)
+        return beta * rows_out[2] + (1.0 - beta) * rows_out[3]
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return (None,) * 6
+        h_a, h_b, weight, bias, rows_out = ctx.saved_tensors
+        p: StatsParams = ctx.params
+        beta = ctx.beta
+        need_ha, need_hb, need_w, need_bias = ctx.needs_input_grad[:4]
+        need_b = not p.detach_b
+        need_hb = need_hb and need_b
+        n, d = h_a.shape
+        v = weight.shape[0]
+        dt = rows_out.dtype
+        grad = grad.to(dt)
+        lse_a, lse_b, kl_am, kl_bm = rows_out
+        plan = launch.backward_plan(n, v, d, slab_bytes_per_cell=2 * _BWD_BYTES_PER_CELL,
+                                    dh_bytes_per_row=(0 if dt == h_a.dtype else 2 * d * 4) + d * h_a.element_size(),
+                                    need_dh=need_ha or need_hb, need_dw=need_w or need_bias,
+                                    budget=launch.MEMORY_BUDGET["torch"])
+        slab = plan.slab_dw or plan.slab_dh
+        d_ha = torch.zeros((n, d), dtype=dt, device=h_a.device) if need_ha else None
+        d_hb = torch.zeros((n, d), dtype=dt, device=h_a.device) if need_hb else None
+        d_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
+        d_bias = torch.zeros(v, dtype=dt, device=weight.device) if need_bias else None
+        for c0 in range(0, v, slab):
+            cols = slice(c0, min(v, c0 + slab))
+            z_a, dz_a = scaled_logits(h_a, weight, bias, p, cols)
+            z_b, dz_b = scaled_logits(h_b, weight, bias, p, cols)
+            lp, lq = z_a.sub_(lse_a[:, None]), z_b.sub_(lse_b[:, None])
+            log_m = _log_mixture(lp, lq, beta)
+            pa, qb = lp.exp(), lq.exp()
+            g_a = torch.where(pa > 0, pa * (lp - log_m - kl_am[:, None]), 0.0).mul_((beta * grad)[:, None])
+            g_b = (torch.where(qb > 0, qb * (lq - log_m - kl_bm[:, None]), 0.0).mul_(((1.0 - beta) * grad)[:, None])
+                   if need_b else None)
+            del lp, lq, log_m, pa, qb
+            g_a = (g_a if dz_a is None else g_a.mul_(dz_a)).to(h_a.dtype)
+            g_b = None if g_b is None else (g_b if dz_b is None else g_b.mul_(dz_b)).to(h_a.dtype)
+            if d_ha is not None or d_hb is not None:
+                w = weight[cols].to(h_a.dtype)
+                if d_ha is not None:
+                    d_ha.add_(g_a @ w)
+                if d_hb is not None:
+                    d_hb.add_(g_b @ w)
+            if d_w is not None:
+                part = g_a.T @ h_a
+                if g_b is not None:
+                    part.addmm_(g_b.T, h_b)
+                d_w[cols] = part
+            if d_bias is not None:
+                d_bias[cols] += g_a.sum(0, dtype=dt)
+                if g_b is not None:
+                    d_bias[cols] += g_b.sum(0, dtype=dt)
+        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+        return cast(d_ha, h_a), cast(d_hb, h_b), d_w, cast(d_bias, bias), None, None
+
+
+def _log_mixture(lp: Tensor, lq: Tensor, beta: float) -> Tensor:
+    """log(β·e^{lp} + (1−β)·e^{lq}) without overflow (−inf where both are)."""
+    return torch.logaddexp(lp + torch.log(torch.tensor(beta, dtype=lp.dtype)),
+                           lq + torch.log(torch.tensor(1.0 - beta, dtype=lq.dtype)))
+
+
+def _kl_to_mixture(lp: Tensor, lq: Tensor, beta: float):
+    """Row sums KL(p‖m), KL(q‖m) for log-probabilities lp, lq (0·log 0 = 0)."""
+    log_m = _log_mixture(lp, lq, beta)
+    p, q = lp.exp(), lq.exp()
+    kl_am = torch.where(p > 0, p * (lp - log_m), 0.0).sum(-1)
+    kl_bm = torch.where(q > 0, q * (lq - log_m), 0.0).sum(-1)
+    return kl_am, kl_bm
 
 
 def gather_units(x: Tensor, grid: UnitGrid, perm: Tensor, mask: Tensor, image: Tensor,

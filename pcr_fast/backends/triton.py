@@ -1,14 +1,19 @@
 """The Triton backend: autograd Functions over the kernels of :mod:`pcr_fast.kernels`, and
 the launch of the patch gather.
 
-Two modes behind :func:`pcr_fast.two_view_stats`:
+Two modes behind :func:`pcr_fast.two_view_stats` (and :func:`pcr_fast.stats.single_view_stats`,
+where view b is compiled out):
 
-* ``triton`` (:class:`TritonFusedStats`): the fused forward and the fused recompute
-  backward; extra memory O(N) plus the fp32 gradient accumulators.
-* ``triton_chunked`` (:class:`TritonChunkedStats`): per row chunk, logits by a library
-  matmul (cuBLAS on GPU), a Triton kernel for the statistics, and in the backward a Triton
-  kernel that overwrites the recomputed logits with their gradient before the two gradient
-  matmuls. Memory O(chunk·V); the matmuls run at library speed.
+* ``triton`` (:class:`TritonFusedStats`): the fused forward (one kernel, O(N) memory) and a
+  backward that walks the (rows × vocabulary) plane within
+  ``MEMORY_BUDGET["triton"]`` (:func:`pcr_fast.kernels.launch.backward_plan`): a fused kernel
+  recomputes each logit block and stores its gradient in a bounded scratch buffer, then two
+  GEMM kernels that own their output tiles produce dh (fp32 over vocabulary slabs) and dW
+  (per vocabulary slab from all rows, written once in the weight's dtype). No atomics.
+* ``triton_chunked`` (:class:`TritonChunkedStats`): logits by a library matmul (cuBLAS on
+  GPU) per row chunk in the forward and per vocabulary slab in the backward, a Triton
+  kernel for the statistics and one that overwrites the logit slab with its gradient
+  before the library GEMMs. Memory within ``MEMORY_BUDGET["triton_chunked"]``.
 """
 from __future__ import annotations
 
@@ -17,185 +22,285 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..kernels import launch
+from ..kernels.grad_matmul import grad_dh, grad_dw
 from ..kernels.patch_gather import patch_gather
-from ..kernels.two_view_bwd import two_view_backward
-from ..kernels.two_view_chunked import chunk_grad_in_place, chunk_stats
-from ..kernels.two_view_fwd import N_STATS, two_view_forward
-from .params import StatsParams, TwoViewStats, UnitGrid
+from ..kernels.stats_table import N_STATE, finalize
+from ..kernels.two_view_chunked import chunk_grad_in_place, chunk_states
+from ..kernels.two_view_fwd import two_view_forward
+from ..kernels.two_view_grad import two_view_grad_tiles
+from .common import Needs, coefficients, function_outputs, library_logits, no_grads, weight_matmul
+from .params import StatsParams, TwoViewStats, UnitGrid, ViewExtras
 
 
-def _stack_grads(grads, n: int, device) -> Tensor:
-    """Upstream gradients of the six statistics as one (6, N) float32 table (None -> 0)."""
-    cols = [torch.zeros(n, dtype=torch.float32, device=device) if g is None else g.to(torch.float32)
-            for g in grads]
-    return torch.stack(cols)
+def _fused_backward(h_a, h_b, weight, bias, labels, coef, p: StatsParams, needs: Needs):
+    n, d = h_a.shape
+    v = weight.shape[0]
+    dt = h_a.dtype
+    esize = h_a.element_size()
+    n_g = 1 + int(needs.g_b)
+    dh_views = int(needs.h_a) + int(needs.h_b)
+    acc_is_grad = dt == torch.float32
+    plan = launch.backward_plan(
+        n, v, d, slab_bytes_per_cell=n_g * esize,
+        dh_bytes_per_row=0 if acc_is_grad else dh_views * d * 4,
+        need_dh=dh_views > 0, need_dw=needs.weight or needs.bias, budget=launch.MEMORY_BUDGET["triton"])
+    d_ha = torch.empty_like(h_a, memory_format=torch.contiguous_format) if needs.h_a else None
+    d_hb = torch.empty_like(h_b, memory_format=torch.contiguous_format) if needs.h_b else None
+    d_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if needs.weight else None
+    d_bias = torch.zeros(v, dtype=torch.float32, device=weight.device) if needs.bias else None
+    kw = dict(inv_temp=1.0 / p.temperature, softcap=p.softcap)
 
+    def columns(slab):
+        return (slice(c0, min(v, c0 + slab)) for c0 in range(0, v, slab))
 
-def _split(stats: Tensor):
-    return tuple(stats[k].clone() for k in range(6))
+    def dw_step(ga: Tensor, gb: Optional[Tensor], cols: slice) -> None:
+        if d_w is not None:
+            grad_dw(ga, h_a, gb, h_b, d_w[cols])
+        if d_bias is not None:
+            d_bias[cols] += ga.sum(0, dtype=torch.float32)
+            if gb is not None:
+                d_bias[cols] += gb.sum(0, dtype=torch.float32)
 
+    def dh_pass(rows: slice, slab: int, with_dw: bool) -> None:
+        nr = rows.stop - rows.start
+        accs = []
+        for need, out in ((needs.h_a, d_ha), (needs.h_b, d_hb)):
+            if not need:
+                accs.append(None)
+            else:
+                accs.append(out[rows] if acc_is_grad else torch.empty((nr, d), dtype=torch.float32, device=h_a.device))
+        ga_buf = torch.empty((nr, slab), dtype=dt, device=h_a.device)
+        gb_buf = torch.empty((nr, slab), dtype=dt, device=h_a.device) if needs.g_b else None
+        for i, cols in enumerate(columns(slab)):
+            nc = cols.stop - cols.start
+            ga = ga_buf[:, :nc]
+            gb = gb_buf[:, :nc] if gb_buf is not None else None
+            two_view_grad_tiles(h_a, h_b, weight, bias, labels, coef, ga, gb, rows=rows, cols=cols, **kw)
+            for g, acc in ((ga, accs[0]), (gb, accs[1])):
+                if acc is not None:
+                    grad_dh(g, weight[cols], acc, accumulate=i > 0)
+            if with_dw:
+                dw_step(ga, gb, cols)
+        for acc, out in zip(accs, (d_ha, d_hb)):
+            if acc is not None and not acc_is_grad:
+                out[rows] = acc
 
-def _cast(t: Optional[Tensor], like: Optional[Tensor]):
-    return None if t is None or like is None else t.to(like.dtype)
+    if plan.fused:
+        dh_pass(slice(0, n), plan.slab_dh, with_dw=True)
+    else:
+        for r0 in range(0, n, plan.rows_per_group):
+            dh_pass(slice(r0, min(n, r0 + plan.rows_per_group)), plan.slab_dh, with_dw=False)
+        if d_w is not None or d_bias is not None:
+            ga_buf = torch.empty((n, plan.slab_dw), dtype=dt, device=h_a.device)
+            gb_buf = torch.empty((n, plan.slab_dw), dtype=dt, device=h_a.device) if needs.g_b else None
+            for cols in columns(plan.slab_dw):
+                nc = cols.stop - cols.start
+                ga = ga_buf[:, :nc]
+                gb = gb_buf[:, :nc] if gb_buf is not None else None
+                two_view_grad_tiles(h_a, h_b, weight, bias, labels, coef, ga, gb, rows=slice(0, n), cols=cols, **kw)
+                dw_step(ga, gb, cols)
+    return d_ha, d_hb, d_w, None if d_bias is None else d_bias.to(bias.dtype)
 
 
 class TritonFusedStats(torch.autograd.Function):
+    """Fused forward + budgeted recompute backward (see module docstring). ``h_b=None``: one view."""
+
     @staticmethod
     def forward(ctx, h_a, h_b, weight, bias, labels, params: StatsParams):
-        labels = labels.contiguous()
-        stats = two_view_forward(h_a, h_b, weight, bias, labels, inv_temp=1.0 / params.temperature,
+        table = two_view_forward(h_a, h_b, weight, bias, labels, inv_temp=1.0 / params.temperature,
                                  softcap=params.softcap, ignore_index=params.ignore_index)
-        _save_stats_ctx(ctx, (h_a, h_b, weight, bias, labels, stats), params)
-        return _split(stats)
+        ctx.save_for_backward(h_a, h_b, weight, bias, labels, table)
+        ctx.params = params
+        return function_outputs(ctx, table, torch.float32)
 
     @staticmethod
     def backward(ctx, *grads):
-        if all(g is None for g in grads):
+        if no_grads(grads):
             return None, None, None, None, None, None
-        (h_a, h_b, weight, bias, labels, stats), p, g = _unpack_backward(ctx, grads)
-        need_ha, need_hb, need_w, need_bias = ctx.needs_input_grad[:4]
-        out = two_view_backward(h_a, h_b, weight, bias, labels, stats, g,
-                                inv_temp=1.0 / p.temperature, softcap=p.softcap,
-                                ignore_index=p.ignore_index, need_b=not p.detach_b,
-                                need_h_a=need_ha, need_h_b=need_hb, need_weight=need_w,
-                                need_bias=need_bias)
-        # with detach_b no gradient reaches h_b (None, as a detached input would get)
-        return (_cast(out.d_h_a, h_a), _cast(out.d_h_b, h_b), _cast(out.d_weight, weight),
-                _cast(out.d_bias, bias), None, None)
+        h_a, h_b, weight, bias, labels, table = ctx.saved_tensors
+        p: StatsParams = ctx.params
+        needs = Needs(ctx, h_b is not None, p.detach_b, bias is not None)
+        coef = coefficients(table, grads, labels, weight.shape[0], p.ignore_index)
+        d_ha, d_hb, d_w, d_bias = _fused_backward(h_a, h_b, weight, bias, labels, coef, p, needs)
+        return d_ha, d_hb, d_w, d_bias, None, None
 
 
-def _chunk_grad_matmuls(g_a: Tensor, g_b: Optional[Tensor], rows: slice, h_a: Tensor, h_b: Tensor,
-                        w: Tensor, d_ha, d_hb, d_w, d_bias) -> None:
-    """dh = g W for the chunk's rows; dW += gᵀ h and dbias += Σ g (fp32 accumulators)."""
-    if d_ha is not None:
-        d_ha[rows] = g_a @ w
-    if d_hb is not None and g_b is not None:
-        d_hb[rows] = g_b @ w
-    if d_w is not None:
-        d_w += (g_a.T @ h_a[rows]).float()
-        if g_b is not None:
-            d_w += (g_b.T @ h_b[rows]).float()
-    if d_bias is not None:
-        d_bias += g_a.float().sum(0)
-        if g_b is not None:
-            d_bias += g_b.float().sum(0)
-
-
-def _chunk_grad_buffers(h_a, h_b, weight, need_ha, need_hb, need_w, need_bias, need_b):
-    return (torch.empty_like(h_a) if need_ha else None,
-            torch.zeros_like(h_b) if need_hb and need_b else None,
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None,
-            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None)
-
-
-def _unpack_backward(ctx, grads):
-    """Saved tensors, params and the (6, N) upstream-gradient table of a stats Function."""
-    saved = ctx.saved_tensors
-    h_a = saved[0]
-    return saved, ctx.params, _stack_grads(grads, h_a.shape[0], h_a.device)
-
-
-def _save_stats_ctx(ctx, tensors, params):
-    ctx.save_for_backward(*tensors)
-    ctx.params = params
-    ctx.set_materialize_grads(False)
-
-
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Raw logits of a row chunk in the input precision (a library matmul)."""
-    w = weight.to(h.dtype)
-    if bias is not None:
-        return torch.addmm(bias.to(h.dtype), h, w.T)
-    return h @ w.T
+# --------------------------------------------------------------------------- chunked
+def _chunked_forward_rows(n: int, v: int, esize: int, views: int, params: StatsParams) -> int:
+    if params.chunk_size is not None:
+        return int(params.chunk_size)
+    return launch.forward_rows(n, v, bytes_per_cell=views * esize, budget=launch.MEMORY_BUDGET["triton_chunked"])
 
 
 class TritonChunkedStats(torch.autograd.Function):
+    """Library-matmul logits + Triton statistics/gradient kernels (see module docstring)."""
+
     @staticmethod
     def forward(ctx, h_a, h_b, weight, bias, labels, params: StatsParams):
         n = h_a.shape[0]
-        labels = labels.contiguous()
-        stats = torch.empty((N_STATS, n), dtype=torch.float32, device=h_a.device)
-        for start in range(0, n, params.chunk_size):
-            end = min(n, start + params.chunk_size)
-            s_a = _chunk_logits(h_a[start:end], weight, bias)
-            s_b = _chunk_logits(h_b[start:end], weight, bias)
-            chunk_stats(s_a, s_b, labels[start:end], stats[:, start:end],
-                        inv_temp=1.0 / params.temperature, softcap=params.softcap,
-                        ignore_index=params.ignore_index)
-        _save_stats_ctx(ctx, (h_a, h_b, weight, bias, labels, stats), params)
-        return _split(stats)
+        v = weight.shape[0]
+        two = h_b is not None
+        states = torch.zeros((2 * N_STATE, n), dtype=torch.float32, device=h_a.device)
+        step = _chunked_forward_rows(n, v, h_a.element_size(), 1 + int(two), params)
+        for r0 in range(0, n, step):
+            rows = slice(r0, min(n, r0 + step))
+            s_a = library_logits(h_a[rows], weight, bias)
+            s_b = library_logits(h_b[rows], weight, bias) if two else None
+            chunk_states(s_a, s_b, labels[rows], states[:, rows], inv_temp=1.0 / params.temperature,
+                         softcap=params.softcap, ignore_index=params.ignore_index)
+            del s_a, s_b
+        table = finalize(states, labels, v, params.ignore_index, two_views=two)
+        ctx.save_for_backward(h_a, h_b, weight, bias, labels, table)
+        ctx.params = params
+        return function_outputs(ctx, table, torch.float32)
 
     @staticmethod
     def backward(ctx, *grads):
-        if all(g is None for g in grads):
+        if no_grads(grads):
             return None, None, None, None, None, None
-        (h_a, h_b, weight, bias, labels, stats), p, g = _unpack_backward(ctx, grads)
-        need_ha, need_hb, need_w, need_bias = ctx.needs_input_grad[:4]
-        need_b = not p.detach_b
-        n = h_a.shape[0]
-        d_ha, d_hb, d_w, d_bias = _chunk_grad_buffers(h_a, h_b, weight, need_ha, need_hb, need_w,
-                                                      need_bias, need_b)
-        w = weight.to(h_a.dtype)
-        for start in range(0, n, p.chunk_size):
-            rows = slice(start, min(n, start + p.chunk_size))
-            s_a = _chunk_logits(h_a[rows], weight, bias)
-            s_b = _chunk_logits(h_b[rows], weight, bias)
-            chunk_grad_in_place(s_a, s_b, labels[rows], stats[:, rows], g[:, rows],
-                                inv_temp=1.0 / p.temperature, softcap=p.softcap,
-                                ignore_index=p.ignore_index, need_b=need_b)
-            _chunk_grad_matmuls(s_a, s_b if need_b else None, rows, h_a, h_b, w, d_ha, d_hb, d_w, d_bias)
-        return (d_ha, d_hb, _cast(d_w, weight), _cast(d_bias, bias), None, None)
+        h_a, h_b, weight, bias, labels, table = ctx.saved_tensors
+        p: StatsParams = ctx.params
+        two = h_b is not None
+        needs = Needs(ctx, two, p.detach_b, bias is not None)
+        n, d = h_a.shape
+        v = weight.shape[0]
+        coef = coefficients(table, grads, labels, v, p.ignore_index)
+        acc_is_grad = h_a.dtype == torch.float32
+        dh_views = int(needs.h_a) + int(needs.h_b)
+        # temporaries per (row, column): the logit slabs, plus the GEMM output of dh (N × D)
+        plan = launch.backward_plan(
+            n, v, d, slab_bytes_per_cell=(1 + int(two)) * h_a.element_size(),
+            dh_bytes_per_row=(0 if acc_is_grad else dh_views * d * 4) + d * h_a.element_size(),
+            need_dh=dh_views > 0, need_dw=needs.weight or needs.bias,
+            budget=launch.MEMORY_BUDGET["triton_chunked"])
+        fp32 = torch.float32
+        d_ha = torch.zeros((n, d), dtype=fp32, device=h_a.device) if needs.h_a else None
+        d_hb = torch.zeros((n, d), dtype=fp32, device=h_a.device) if needs.h_b else None
+        d_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if needs.weight else None
+        d_bias = torch.zeros(v, dtype=fp32, device=weight.device) if needs.bias else None
+        # one pass over vocabulary slabs of all rows (dh of all rows in fp32: cuBLAS cannot
+        # accumulate bf16 products into fp32 in place, so no row groups here)
+        slab = plan.slab_dw or plan.slab_dh
+        for c0 in range(0, v, slab):
+            cols = slice(c0, min(v, c0 + slab))
+            s_a = library_logits(h_a, weight, bias, cols)
+            s_b = library_logits(h_b, weight, bias, cols) if two else None
+            chunk_grad_in_place(s_a, s_b, labels, coef, v0=c0, inv_temp=1.0 / p.temperature, softcap=p.softcap,
+                                need_b=needs.g_b)
+            g_b = s_b if needs.g_b else None
+            _slab_grad_matmuls(s_a, g_b, h_a, h_b, weight, cols, d_ha, d_hb, d_w, d_bias)
+            del s_a, s_b, g_b
+        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+        return cast(d_ha, h_a), cast(d_hb, h_b), d_w, cast(d_bias, bias), None, None
+
+
+def _slab_grad_matmuls(g_a: Tensor, g_b: Optional[Tensor], h_a: Tensor, h_b: Optional[Tensor], weight: Tensor,
+                       cols: slice, d_ha, d_hb, d_w, d_bias) -> None:
+    """Library GEMMs of one vocabulary slab: dh (fp32) += g W[slab]; dW[slab] = gᵀ h written
+    once (both views in one output); dbias[slab] = Σ g."""
+    if d_ha is not None or d_hb is not None:
+        w = weight[cols].to(g_a.dtype)
+        if d_ha is not None:
+            d_ha.add_(g_a @ w)
+        if d_hb is not None and g_b is not None:
+            d_hb.add_(g_b @ w)
+    if d_w is not None:
+        out = d_w[cols]
+        if out.dtype == g_a.dtype:
+            torch.mm(g_a.T, h_a, out=out)
+            if g_b is not None:
+                out.addmm_(g_b.T, h_b)
+        else:
+            part = g_a.T @ h_a
+            if g_b is not None:
+                part.addmm_(g_b.T, h_b)
+            out.copy_(part)
+    if d_bias is not None:
+        d_bias[cols] += g_a.sum(0, dtype=torch.float32)
+        if g_b is not None:
+            d_bias[cols] += g_b.sum(0, dtype=torch.float32)
+
+
+def _accumulate_dw(d_w: Tensor, g: Tensor, h: Tensor) -> None:
+    """``d_w += gᵀ h`` in the weight's dtype (one rounding per call)."""
+    if d_w.dtype == g.dtype:
+        d_w.addmm_(g.T, h)
+    else:
+        d_w.add_(g.T @ h)
 
 
 class TritonChunkedObjective(torch.autograd.Function):
-    """Forward computes the loss AND its gradients chunk by chunk (no recompute).
+    """Forward computes the loss AND its gradients, row chunk by row chunk (no recompute).
 
-    See :func:`pcr_fast.stats.fused_chunked_objective`. Saved for the backward: dh_a, dh_b,
-    dW (fp32), dbias — the gradients themselves, scaled there by the upstream scalar.
+    See :func:`pcr_fast.stats.fused_chunked_objective`. dh is written once per row in the
+    input dtype; dW accumulates over row chunks in the weight's dtype (one rounding per
+    chunk: the price of not recomputing the logits). The backward scales the stored
+    gradients in place by the upstream scalar (no copies), so it can run once.
     """
 
     @staticmethod
-    def forward(ctx, h_a, h_b, weight, bias, labels, params: StatsParams, row_losses):
+    def forward(ctx, h_a, h_b, weight, bias, labels, params: StatsParams, row_losses, with_extras=False):
+        from ..kernels.stats_table import N_DIFF, R, grad_coefficients
+
         need_ha, need_hb, need_w, need_bias = ctx.needs_input_grad[:4]
         need_b = not params.detach_b
         n = h_a.shape[0]
-        labels = labels.contiguous()
-        table = torch.empty((N_STATS, n), dtype=torch.float32, device=h_a.device)
+        v = weight.shape[0]
+        table = torch.empty((16, n), dtype=torch.float32, device=h_a.device)
         total = torch.zeros((), dtype=torch.float32, device=h_a.device)
-        d_ha, d_hb, d_w, d_bias = _chunk_grad_buffers(h_a, h_b, weight, need_ha, need_hb, need_w,
-                                                      need_bias, need_b)
-        w = weight.to(h_a.dtype)
-        for start in range(0, n, params.chunk_size):
-            rows = slice(start, min(n, start + params.chunk_size))
-            s_a = _chunk_logits(h_a[rows], weight, bias)
-            s_b = _chunk_logits(h_b[rows], weight, bias)
-            chunk_table = table[:, rows]
-            chunk_stats(s_a, s_b, labels[rows], chunk_table, inv_temp=1.0 / params.temperature,
-                        softcap=params.softcap, ignore_index=params.ignore_index)
+        d_ha = torch.empty_like(h_a) if need_ha else None
+        d_hb = torch.empty_like(h_b) if need_hb and need_b else None
+        d_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
+        d_bias = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_bias and bias is not None else None
+        step = _chunked_forward_rows(n, v, h_a.element_size(), 2, params)
+        for r0 in range(0, n, step):
+            rows = slice(r0, min(n, r0 + step))
+            s_a = library_logits(h_a[rows], weight, bias)
+            s_b = library_logits(h_b[rows], weight, bias)
+            states = torch.zeros((2 * N_STATE, rows.stop - rows.start), dtype=torch.float32, device=h_a.device)
+            chunk_states(s_a, s_b, labels[rows], states, inv_temp=1.0 / params.temperature,
+                         softcap=params.softcap, ignore_index=params.ignore_index)
+            table[:, rows] = finalize(states, labels[rows], v, params.ignore_index)
             with torch.enable_grad():
-                leaves = chunk_table[:6].detach().clone().requires_grad_()
-                part = row_losses(TwoViewStats(*leaves.unbind(0)), rows).sum()
-                (g,) = torch.autograd.grad(part, [leaves])
+                leaves = table[:N_DIFF, rows].detach().clone().requires_grad_()
+                stats6 = TwoViewStats(*leaves[:6].unbind(0))
+                if with_extras:
+                    extras = ViewExtras(leaves[R["lse_a"]], leaves[R["zmean_a"]], table[R["amax_a"], rows].long())
+                    part = row_losses(stats6, rows, extras=extras).sum()
+                else:
+                    part = row_losses(stats6, rows).sum()
+                (g_rows,) = torch.autograd.grad(part, [leaves])
             total = total + part.detach()
-            chunk_grad_in_place(s_a, s_b, labels[rows], chunk_table, g, inv_temp=1.0 / params.temperature,
-                                softcap=params.softcap, ignore_index=params.ignore_index, need_b=need_b)
-            _chunk_grad_matmuls(s_a, s_b if need_b else None, rows, h_a, h_b, w, d_ha, d_hb, d_w, d_bias)
-        ctx.save_for_backward(d_ha, d_hb, d_w, d_bias)
-        ctx.dtypes = (h_a.dtype, h_b.dtype, weight.dtype, None if bias is None else bias.dtype)
-        stats6 = table[:6].clone()
-        ctx.mark_non_differentiable(stats6)
-        return total, stats6
+            coef = grad_coefficients(table[:, rows], g_rows, labels[rows], v, params.ignore_index)
+            chunk_grad_in_place(s_a, s_b, labels[rows], coef, v0=0, inv_temp=1.0 / params.temperature,
+                                softcap=params.softcap, need_b=need_b)
+            g_b = s_b if need_b else None
+            if d_ha is not None:
+                weight_matmul(s_a, weight, out=d_ha[rows])
+            if d_hb is not None:
+                weight_matmul(g_b, weight, out=d_hb[rows])
+            if d_w is not None:
+                _accumulate_dw(d_w, s_a, h_a[rows])
+                if g_b is not None:
+                    _accumulate_dw(d_w, g_b, h_b[rows])
+            if d_bias is not None:
+                d_bias += s_a.sum(0, dtype=torch.float32)
+                if g_b is not None:
+                    d_bias += g_b.sum(0, dtype=torch.float32)
+            del s_a, s_b, g_b
+        ctx.grads = [d_ha, d_hb, d_w, None if d_bias is None else d_bias.to(bias.dtype)]
+        ctx.mark_non_differentiable(table)
+        return total, table
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_table):
-        d_ha, d_hb, d_w, d_bias = ctx.saved_tensors
-        dts = ctx.dtypes
-
-        def scaled(t, dt):
-            return None if t is None else (t * grad_loss).to(dt)
-
-        return (scaled(d_ha, dts[0]), scaled(d_hb, dts[1]), scaled(d_w, dts[2]),
-                scaled(d_bias, dts[3]) if dts[3] is not None else None, None, None, None)
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("fused_chunked_objective supports one backward per forward")
+        if grad_loss is None:
+            return (None,) * 8
+        return tuple(None if t is None else t.mul_(grad_loss.to(t.dtype)) for t in grads) + (None, None, None, None)
 
 
 def gather_units(x: Tensor, grid: UnitGrid, perm: Tensor, mask: Tensor, image: Tensor,
@@ -239,3 +344,6 @@ def gather_units(x: Tensor, grid: UnitGrid, perm: Tensor, mask: Tensor, image: T
         dst_chw_strides=dst_chw, unit_h=grid.unit_h, unit_w=grid.unit_w, grid_h=grid.grid_h,
         grid_w=grid.grid_w, noise=noise is not None, fill_channel_div=fill_div)
     return out
+
+
+__all__ = ["TritonFusedStats", "TritonChunkedStats", "TritonChunkedObjective", "gather_units"]

@@ -5,6 +5,7 @@
     out = compute_pcr_loss(model, batch, config=cfg, memory=memory)
     trainer = PCRTrainer(model=model, args=args, train_dataset=ds, pcr=PCRConfig())
     class MySFT(PCRTrainerMixin, trl.SFTTrainer): ...
+    use_fused_cross_entropy(model)     # plain fine-tuning: the model's own loss, fused, no logits
 
 ``pcr_fast.testing.build_tiny_model(family)`` builds tiny random models of every supported
 family with realistic batches (tests, benchmarks, the evaluation harness).
@@ -15,13 +16,14 @@ import importlib
 
 from .audit import scan_report
 from .compute import PCRLossOutput, compute_pcr_loss
+from .fused_ce import remove_fused_cross_entropy, use_fused_cross_entropy
 from .scan import scan_batch, scan_dataset
 
 # the Trainer classes import transformers.Trainer (slow): load them on first use
 _LAZY = {"PCRTrainer": ".trainer", "PCRTrainerMixin": ".trainer"}
 
 __all__ = ["compute_pcr_loss", "PCRLossOutput", "scan_batch", "scan_dataset", "scan_report", "PCRTrainer",
-           "PCRTrainerMixin"]
+           "PCRTrainerMixin", "use_fused_cross_entropy", "remove_fused_cross_entropy"]
 
 
 def __getattr__(name: str):
