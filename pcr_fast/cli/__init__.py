@@ -1,5 +1,7 @@
 """``pcr-fast``: the command line.
 
+    pcr-fast train --model DIR --data FILE --out DIR [options]   fine-tune with (or without) PCR
+    pcr-fast scan --model DIR --data FILE --out DIR [options]    audit a dataset: report.json/.csv/.html
     pcr-fast demo [options]   plain SFT vs PCR on poisoned data: table, results.json, PNG chart
     pcr-fast bench [names]    run the benchmark scripts in benchmarks/ (if present)
     pcr-fast --version
@@ -13,6 +15,8 @@ from typing import List, Optional
 
 from .bench import add_bench_parser
 from .demo import add_demo_parser
+from .scan import add_scan_parser
+from .train import add_train_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pcr-fast {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_scan_parser(sub)
     add_demo_parser(sub)
     add_bench_parser(sub)
     return parser

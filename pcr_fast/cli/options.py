@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import re
 import typing
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from ..config import PCRConfig
 
@@ -46,7 +46,8 @@ def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected:
 
 
 positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-positive_float = _checked(float, lambda v: v > 0, "a positive number")
+positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number")
+non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
 fraction = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 
@@ -141,12 +142,17 @@ def config_fields():
             yield sub.name, cls, sub
 
 
-def add_config_flags(parser: argparse.ArgumentParser, defaults: PCRConfig, title: str) -> None:
-    """Add one ``--flag`` per config leaf (default: ``defaults``' value) in a group."""
+def add_config_flags(parser: argparse.ArgumentParser, defaults: PCRConfig, title: str,
+                     sections: Optional[Sequence[str]] = None) -> None:
+    """Add one ``--flag`` per config leaf (default: ``defaults``' value) in a group;
+    ``sections`` limits them to those records (``"mode"`` for the top-level mode)."""
     group = parser.add_argument_group(title)
     values = defaults.leaves()
+    owner = PCRConfig.leaf_sections()
     helps: Dict[type, Dict[str, str]] = {}
     for name, cls, f in config_fields():
+        if sections is not None and (owner[name] or "mode") not in sections:
+            continue
         hints = typing.get_type_hints(cls)
         text = helps.setdefault(cls, _record_help(cls)).get(name, "")
         if name == "mode":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 
+from .audit import scan_report
 from .compute import PCRLossOutput, compute_pcr_loss
 from .fused_ce import remove_fused_cross_entropy, use_fused_cross_entropy
 from .scan import scan_batch, scan_dataset
@@ -21,8 +22,8 @@ from .scan import scan_batch, scan_dataset
 # the Trainer classes import transformers.Trainer (slow): load them on first use
 _LAZY = {"PCRTrainer": ".trainer", "PCRTrainerMixin": ".trainer"}
 
-__all__ = ["compute_pcr_loss", "PCRLossOutput", "scan_batch", "scan_dataset", "PCRTrainer", "PCRTrainerMixin",
-           "use_fused_cross_entropy", "remove_fused_cross_entropy"]
+__all__ = ["compute_pcr_loss", "PCRLossOutput", "scan_batch", "scan_dataset", "scan_report", "PCRTrainer",
+           "PCRTrainerMixin", "use_fused_cross_entropy", "remove_fused_cross_entropy"]
 
 
 def __getattr__(name: str):

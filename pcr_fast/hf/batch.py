@@ -87,3 +87,27 @@ def cached_augment(model: nn.Module, config: AugmentConfig) -> Callable:
         cached = (config, PatchAugment.from_config(config, inner))
         _AUGMENTS[inner] = cached
     return cached[1]
+
+
+def check_first_batch(inputs: Any, *, needs_sample_ids: bool, num_samples: Optional[int] = None) -> None:
+    """The Trainer's check of its first batch, before the first step (one host sync, once).
+
+    Beyond :func:`check_batch`: every float pixel tensor finite on any device, at least one
+    labelled token in the batch, and — for scan-and-unlearn — ``sample_ids`` that are row ids
+    of the training set (in ``[0, num_samples)``). Why here: without it a missing column
+    fails at the first scan, far into training."""
+    check_batch(inputs)
+    for key, value in inputs.items():
+        if "pixel" in key and isinstance(value, Tensor) and value.is_floating_point() \
+                and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"the first training batch's {key!r} holds NaN or inf values: check the image "
+                             "loading/processor (e.g. an image_std of 0)")
+    labels = inputs.get("labels") if isinstance(inputs.get("labels"), Tensor) else inputs.get("shift_labels")
+    if not bool((labels != -100).any()):
+        raise ValueError("the first training batch has no labelled token (labels are all -100): the collator must "
+                         "put the answer tokens in 'labels'")
+    if needs_sample_ids:
+        ids = batch_sample_ids(inputs)
+        if num_samples is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_samples):
+            raise ValueError(f"the first training batch's sample_ids lie in [{int(ids.min())}, {int(ids.max())}], "
+                             f"outside the training set's row ids [0, {num_samples})")

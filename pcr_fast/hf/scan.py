@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import PCRConfig
-from ..defense import BackdoorMemory, cross_view_flags
+from ..defense import BackdoorMemory, CrossViewScores, cross_view_scores
 from . import adapters
 from .batch import batch_sample_ids, cached_augment, check_batch, shifted_targets
 
@@ -28,10 +28,12 @@ logger = logging.getLogger(__name__)
 @torch.no_grad()
 def scan_batch(model: nn.Module, inputs: Mapping[str, Any], memory: BackdoorMemory, *,
                config: Optional[PCRConfig] = None, augment: Optional[Callable] = None,
-               generator: Optional[torch.Generator] = None) -> Tensor:
+               generator: Optional[torch.Generator] = None,
+               on_scores: Optional[Callable[[Tensor, CrossViewScores], None]] = None) -> Tensor:
     """Test one batch (original view + ``config.augment.views`` masked draws, no gradient) and
     record it in ``memory`` (between ``memory.begin_scan()`` and ``end_scan()``). Returns
-    the (B,) flags."""
+    the (B,) flags; ``on_scores(sample_ids, scores)`` also receives the per-response
+    :class:`~pcr_fast.defense.CrossViewScores` (an audit's report)."""
     cfg = config or PCRConfig()
     if not isinstance(memory, BackdoorMemory):
         raise ValueError(f"memory must be a BackdoorMemory (BackdoorMemory.from_config), got {type(memory).__name__}")
@@ -56,8 +58,11 @@ def scan_batch(model: nn.Module, inputs: Mapping[str, Any], memory: BackdoorMemo
         views.append(shifted_targets(h_k, inputs)[0])
     bias = getattr(head, "bias", None)
     with adapters.gathered_weight(weight):
-        flags = cross_view_flags(h_a, views, weight, targets, bias=bias, softcap=softcap,
-                                 backend=cfg.execution.backend, **dataclasses.asdict(cfg.detector))
+        scores = cross_view_scores(h_a, views, weight, targets, bias=bias, softcap=softcap,
+                                   backend=cfg.execution.backend, view_confidence=cfg.detector.view_confidence)
+    flags = scores.flags(**dataclasses.asdict(cfg.detector))
+    if on_scores is not None:
+        on_scores(ids, scores)
     memory.record(ids, targets, flags)
     return flags
 
@@ -65,10 +70,12 @@ def scan_batch(model: nn.Module, inputs: Mapping[str, Any], memory: BackdoorMemo
 def scan_dataset(model: nn.Module, batches: Iterable[Mapping[str, Any]], memory: BackdoorMemory, *,
                  config: Optional[PCRConfig] = None, augment: Optional[Callable] = None,
                  generator: Optional[torch.Generator] = None, prepare: Optional[Callable] = None,
-                 progress: bool = False) -> Dict[str, object]:
+                 progress: bool = False,
+                 on_scores: Optional[Callable[[Tensor, CrossViewScores], None]] = None) -> Dict[str, object]:
     """One scan of the training set: every batch through :func:`scan_batch` (model in eval
     mode, restored after), then ``memory.end_scan()``. ``prepare(batch)`` moves a batch to
-    the device (default: the model's). Returns :meth:`BackdoorMemory.summary`."""
+    the device (default: the model's); ``on_scores`` goes to :func:`scan_batch`. Returns
+    :meth:`BackdoorMemory.summary`."""
     cfg = config or PCRConfig()
     if augment is None:
         augment = cached_augment(model, cfg.augment)
@@ -87,7 +94,8 @@ def scan_dataset(model: nn.Module, batches: Iterable[Mapping[str, Any]], memory:
 
             iterator = tqdm(batches, desc=f"PCR scan {memory.scans + 1}", leave=False, dynamic_ncols=True)
         for batch in iterator:
-            scan_batch(model, prepare(batch), memory, config=cfg, augment=augment, generator=generator)
+            scan_batch(model, prepare(batch), memory, config=cfg, augment=augment, generator=generator,
+                       on_scores=on_scores)
     finally:
         model.train(was_training)
     memory.end_scan()

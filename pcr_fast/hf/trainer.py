@@ -35,6 +35,7 @@ from ..config import PCRConfig
 from ..augment import PatchAugment
 from ..defense import BackdoorMemory, InlineMemory, ScanSchedule
 from . import adapters
+from .batch import check_first_batch
 from .compute import compute_pcr_loss
 from .scan import scan_dataset
 
@@ -94,6 +95,7 @@ class PCRTrainerMixin:
         self._pcr_count = 0
         self._pcr_generator: Optional[torch.Generator] = None
         self._pcr_pending_state: Optional[Dict[str, Any]] = None
+        self._pcr_batch_checked = False
         from transformers import TrainerCallback
 
         class _SavePCRState(TrainerCallback):
@@ -171,6 +173,16 @@ class PCRTrainerMixin:
                 self.pcr_load_state(folder)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def pcr_report(self, **kwargs) -> Dict[str, Any]:
+        """What the defense found so far (:func:`pcr_fast.hf.report.build_report`: flags, target
+        phrases decoded to text, counts, thresholds); ``kwargs`` go to ``build_report``."""
+        from .report import build_report, sample_records
+
+        kwargs.setdefault("records", sample_records(self.train_dataset, self.data_collator))
+        kwargs.setdefault("tokenizer", getattr(self.processing_class, "tokenizer", self.processing_class))
+        kwargs.setdefault("num_samples", len(self.train_dataset))
+        return build_report(self.pcr_memory, config=self.pcr_config, kind="train", defense="pcr", **kwargs)
+
     def pcr_scan(self, model: Optional[nn.Module] = None) -> Dict[str, object]:
         """Scan the whole training set now (what the scan schedule calls); returns the summary."""
         model = model if model is not None else self.model
@@ -197,6 +209,10 @@ class PCRTrainerMixin:
     def compute_loss(self, model: nn.Module, inputs: Dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch=None):
         step = self.state.global_step
+        if not self._pcr_batch_checked and model.training:   # once, before the first step
+            check_first_batch(inputs, needs_sample_ids=self.pcr_config.mode != "online",
+                              num_samples=len(self.train_dataset) if self.train_dataset is not None else None)
+            self._pcr_batch_checked = True
         schedule = self.pcr_schedule()
         if model.training and schedule.scans_before(step) and step not in self._pcr_scanned:
             self._pcr_scanned.add(step)
