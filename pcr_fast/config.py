@@ -310,9 +310,13 @@ _SECTIONS = {"augment": AugmentConfig, "detector": DetectorConfig, "unlearn": Un
 class PCRConfig:
     """The whole defense: ``mode`` and one record per concern.
 
-    ``mode="scan"`` (default): scan-and-unlearn (:mod:`pcr_fast.defense`): scans of the
-    training set at ``schedule.scan_at``, flagged samples dropped from the CE, target tokens
-    unlearned. ``mode="online"``: the per-batch :class:`~pcr_fast.TwoViewLoss` every step.
+    ``mode="inline"``: the cross-view test inside the training step (:class:`~pcr_fast.InlineMemory`):
+    within ``inline.test_budget`` the rows the model is sure of that hold a *novel* token get
+    masked no-grad views; a novel token most of whose tested rows look invariant is the
+    target, unlearned from the next step on (about ``1 + test_budget / 3`` times the cost of
+    plain SFT). ``mode="scan"``: scan-and-unlearn (:mod:`pcr_fast.defense`): scans of the
+    whole training set at ``schedule.scan_at``, flagged samples dropped from the CE, target
+    tokens unlearned. ``mode="online"``: the per-batch :class:`~pcr_fast.TwoViewLoss` every step.
 
     ``PCRConfig.override(**values)`` returns a copy with leaf fields replaced by name
     (``cfg.override(mode="online", mask_ratio=0.3)``); :meth:`leaves` lists them.

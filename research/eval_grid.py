@@ -19,14 +19,21 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
-VARIANTS = ("plain", "inline", "scan", "online")
+VARIANTS = ("plain", "inline", "scan", "online", "control")
 
 
 def config_of(variant: str):
-    """The PCRConfig of a variant: the library's settings of each mode."""
+    """The PCRConfig of a variant: the library's settings of each mode; ``control`` is the inline
+    step with no test budget (nothing is ever tested, so nothing is dropped): plain SFT through
+    the defense's own CE path, which measures how far a mere change of the training
+    trajectory moves the clean metrics."""
     from pcr_fast import PCRConfig
 
-    return None if variant == "plain" else PCRConfig(mode=variant)
+    if variant == "plain":
+        return None
+    if variant == "control":
+        return PCRConfig(mode="inline").override(test_budget=0.0)
+    return PCRConfig(mode=variant)
 
 
 def key(job: dict) -> tuple:

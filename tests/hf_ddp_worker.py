@@ -10,6 +10,10 @@ Checks, on CPU with the gloo backend:
 4. Scan-and-unlearn: ``BackdoorMemory.end_scan()`` merges the ranks' scans (union of flags,
    summed token counts) into what one process recording everything finds; ``PCRTrainer`` in
    scan mode scans each rank's shard and every rank ends with the whole set's flags.
+5. Inline: ``compute_pcr_loss`` with an ``InlineMemory`` under DDP and under FSDP2, each rank
+   on its share of the global batch, gives step by step the loss and the memory (tested rows,
+   flags, token counts, targets) of one process on the whole batch; ``PCRTrainer`` in inline
+   mode ends with the same memory on every rank.
 Rank 0 writes a JSON verdict to ``argv[1]``.
 """
 import json
@@ -167,6 +171,79 @@ def check_scan(rank, world, samples):
             "scan_trainer_scans": trainer.pcr_memory.scans}
 
 
+def check_inline(rank, world, make_batch):
+    from pcr_fast import InlineMemory, PCRConfig
+
+    per_rank, steps = 2, 3
+    samples = sample_batches(make_batch, per_rank * world * steps, seed=11)
+    samples = [{**s, "sample_ids": torch.tensor([i])} for i, s in enumerate(samples)]
+    # every row tested (budget = rows × views), everything novel after its first step, the
+    # identity view invariant: rows are flagged at their test, tokens named the step after
+    cfg = PCRConfig(mode="inline").override(backend="torch", test_budget=1.0, views=1, novelty_window=1,
+                                            novelty_confidence=1e-6, original_confidence=1e9, view_confidence=1e9,
+                                            min_support=1, flagged_share=0.5)
+    ident = lambda pixel_values, **kw: pixel_values.clone()  # noqa: E731
+    vocab = build_tiny_model(FAMILY)[0].get_output_embeddings().weight.shape[0]
+    solo = [dist.new_group([r]) for r in range(world)]       # every rank takes part in every new_group
+    ref_model, _ = build_tiny_model(FAMILY)
+    out = {}
+    for kind in ("ddp", "fsdp"):
+        model, _ = build_tiny_model(FAMILY)
+        if kind == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            try:
+                from torch.distributed.fsdp import fully_shard
+            except ImportError:  # older torch
+                from torch.distributed._composable.fsdp import fully_shard
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in model.model.language_model.layers:
+                fully_shard(layer, mesh=mesh)
+            wrapped = fully_shard(model, mesh=mesh)
+        mem = InlineMemory.from_config(cfg, len(samples), vocab)
+        ok, loss_err = True, 0.0
+        ref_mem = InlineMemory.from_config(cfg, len(samples), vocab, group=solo[rank])
+        for step in range(steps):
+            start = step * per_rank * world
+            glob = collate(samples[start:start + per_rank * world])
+            ref = compute_pcr_loss(ref_model, glob, config=cfg, memory=ref_mem, augment=ident)
+            local = collate(samples[start + rank * per_rank:start + (rank + 1) * per_rank])
+            n_items = (local["labels"][:, 1:] != -100).sum()
+            dist.all_reduce(n_items)
+            got = compute_pcr_loss(wrapped, local, config=cfg, memory=mem, augment=ident, num_items_in_batch=n_items)
+            total = got.loss.detach().clone()
+            dist.all_reduce(total)
+            loss_err = max(loss_err, abs(float(total) - float(ref.loss)))
+            for key in ("tested", "flags", "counts", "targets"):
+                ok &= bool(torch.equal(getattr(mem, key), getattr(ref_mem, key)))
+        ok &= bool(mem.targets.any()) and bool(mem.tested[per_rank * world:].all())   # step 0: nothing novel yet
+        ok_t = torch.tensor(int(ok))
+        dist.all_reduce(ok_t, op=dist.ReduceOp.MIN)
+        out[f"inline_{kind}_memory_ok"] = bool(ok_t)
+        out[f"inline_{kind}_loss_err"] = loss_err
+    # PCRTrainer (accelerate's DDP) in inline mode: the same memory on every rank
+    from transformers import TrainingArguments
+
+    model, _ = build_tiny_model(FAMILY)
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=per_rank, max_steps=steps,
+                             remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, ddp_backend="gloo", seed=0)
+    trainer = PCRTrainer(model=model, args=args, train_dataset=samples, data_collator=collate, pcr=cfg,
+                         pcr_augment=ident)
+    trainer.train()
+    mem = trainer.pcr_memory
+    digest = torch.stack([mem.tested.sum(), mem.flags.sum(), mem.counts.sum(), mem.targets.sum(),
+                          (mem.tested.nonzero().flatten() + 1).sum()]).double()
+    lo, hi = digest.clone(), digest.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    out["inline_trainer_same_memory"] = bool(torch.equal(lo, hi))
+    out["inline_trainer_tested"] = int(mem.tested.sum())
+    return out
+
+
 def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -182,6 +259,8 @@ def main():
     verdict.update(check_trainer(rank, world, samples, ref_grads))
     dist.barrier()
     verdict.update(check_scan(rank, world, samples))
+    dist.barrier()
+    verdict.update(check_inline(rank, world, make_batch))
     if rank == 0:
         with open(sys.argv[1], "w") as fh:
             json.dump(verdict, fh)

@@ -281,14 +281,45 @@ def test_demo_cli_writes_results(tmp_path):
 
     out = tmp_path / "demo"
     # --jobs 2: the default path on a 2-core CPU (runs trained side by side in worker processes)
-    rc = main(["demo", "--attacks", "badnets", "--steps", "2", "--batch-size", "8", "--test-size", "16",
-               "--out", str(out), "--no-progress", "--jobs", "2"])
+    rc = main(["demo", "--attacks", "badnets", "--init", "scratch", "--steps", "2", "--batch-size", "8",
+               "--test-size", "16", "--poison-ratio", "0.1", "--out", str(out), "--no-progress", "--jobs", "2"])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
     assert {r["defense"] for r in data["runs"]} == {"none", "pcr"}
     for r in data["runs"]:
-        assert set(RESULT_KEYS) <= set(r)
+        assert set(RESULT_KEYS) <= set(r) and r["init"] == "scratch" and r["steps"] == 2
+        assert r["cost_ratio"] is not None
+    assert data["regime"]["init"] == ["scratch"] and data["environment"]["git"]
     assert (out / "results.png").stat().st_size > 1000
+
+
+def test_demo_cli_pretrained_epochs(tmp_path, monkeypatch, capsys):
+    """--init pretrained --epochs reach run_experiment; the table shows the cost against plain SFT.
+    (The pre-training itself is stubbed with a random model: the cache has its own tests.)"""
+    from pcr_fast.cli import main
+    from pcr_fast.eval import pretrain
+
+    calls = []
+
+    def stub(spec, seed, *args, **kwargs):
+        calls.append(seed)
+        return pretrain.build_model(spec, seed=seed)
+
+    monkeypatch.setattr(pretrain, "pretrained_model", stub)
+    monkeypatch.setattr("pcr_fast.eval.runner.pretrained_model", stub)
+    out = tmp_path / "demo"
+    rc = main(["demo", "--attacks", "sig", "--init", "pretrained", "--epochs", "0.001", "--test-size", "16",
+               "--out", str(out), "--no-progress", "--jobs", "1", "--mode", "inline"])
+    assert rc == 0 and calls and set(calls) == {0}
+    data = json.loads((out / "results.json").read_text())
+    assert [r["init"] for r in data["runs"]] == ["pretrained"] * 2
+    assert all(r["steps"] == 1 and r["poison_ratio"] == 0.03 for r in data["runs"])
+    assert data["config"]["epochs"] == 0.001 and data["regime"]["init"] == ["pretrained"]
+    text = capsys.readouterr().out
+    assert "cost ×plain inline" in text and "init pretrained" in text
+    for bad in (["--epochs", "1", "--steps", "2"], ["--epochs", "0"], ["--init", "warm"], ["--poison-ratio", "1e-7"]):
+        with pytest.raises(SystemExit):
+            main(["demo", "--attacks", "sig", "--out", str(out), *bad])
 
 
 def test_demo_help_documents_every_knob(capsys):
@@ -297,7 +328,8 @@ def test_demo_help_documents_every_knob(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--attacks", "--poison-ratio", "--steps", "--seed", "--model", "--out", "--patch-size",
+    for flag in ("--attacks", "--poison-ratio", "--steps", "--epochs", "--init", "--seed", "--model", "--out",
+                 "--patch-size", "--test-budget", "--novelty-confidence", "--flagged-share",
                  "--mask-ratio", "--shuffle", "--divergence-weight", "--margin", "--entropy-weight",
                  "--gate-weight", "--invariance-threshold", "--view-confidence", "--detach-b", "--jobs",
                  "--warmup", "--scan-at", "--views", "--original-confidence", "--target-share"):

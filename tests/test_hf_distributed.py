@@ -1,5 +1,5 @@
 """DDP and FSDP2 on CPU (gloo), 2 processes through torchrun: same loss/gradients as one process;
-scan-and-unlearn's memory merges the ranks' scans."""
+scan-and-unlearn's memory merges the ranks' scans; the inline memory merges every step."""
 import json
 import os
 import socket
@@ -45,3 +45,7 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
     # 4. scan-and-unlearn: the ranks' scans merge into the whole training set's flags/targets
     assert verdict["scan_merge_ok"]
     assert verdict["scan_trainer_all_flagged"] and verdict["scan_trainer_scans"] == 1
+    # 5. inline: each rank tests its rows, every step merges them: one process's memory and loss
+    assert verdict["inline_ddp_memory_ok"] and verdict["inline_fsdp_memory_ok"]
+    assert verdict["inline_ddp_loss_err"] < 1e-5 and verdict["inline_fsdp_loss_err"] < 1e-5
+    assert verdict["inline_trainer_same_memory"] and verdict["inline_trainer_tested"] > 0

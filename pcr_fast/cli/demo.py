@@ -20,19 +20,28 @@ def add_demo_parser(sub) -> None:
 
     p = sub.add_parser(
         "demo", help="fine-tune a tiny VLM on poisoned data, plain SFT vs PCR, and compare",
-        description="Fine-tunes a tiny vision-language model (random init, built from a config: no "
-                    "download) twice on the same poisoned digits data -- plain SFT and SFT with PCR -- "
-                    "and prints, per attack, the attack success rate (ASR) and clean quality side by "
+        description="Fine-tunes a tiny vision-language model (built from a config: no download; by "
+                    "default first pre-trained on clean data and cached) twice on the same poisoned "
+                    "digits data -- plain SFT and SFT with PCR -- and prints, per attack, the attack "
+                    "success rate (ASR), clean quality and the counted compute against plain SFT side by "
                     "side; writes results.json and results.png to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("experiment")
     g.add_argument("--attacks", type=parse_csv, default=",".join(DEMO_DEFAULT_ATTACKS),
                    help=f"comma-separated triggers, from: {', '.join(ATTACKS)}")
-    g.add_argument("--poison-ratio", type=fraction, default=0.1, help="fraction of training samples poisoned")
-    g.add_argument("--steps", type=positive_int, default=600, help="optimisation steps per run")
+    g.add_argument("--init", default="pretrained", choices=("pretrained", "scratch"),
+                   help="pretrained: a tiny VLM pre-trained on a clean, disjoint image split (cached under "
+                        "~/.cache/pcr_fast), fine-tuned on the ~24k-sample instruction set; scratch: random "
+                        "init, the two basic tasks (EVAL_NOTES sections 1-8)")
+    g.add_argument("--poison-ratio", type=fraction, default=0.03, help="fraction of training samples poisoned")
+    g.add_argument("--epochs", type=positive_float, default=None,
+                   help="passes over the training set (default: 1 when pretrained; give --epochs or --steps)")
+    g.add_argument("--steps", type=positive_int, default=None, help="optimisation steps per run (default from "
+                   "scratch: 600)")
     g.add_argument("--batch-size", type=positive_int, default=32, help="training batch size")
     g.add_argument("--test-size", type=positive_int, default=300, help="held-out digits images for evaluation")
-    g.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
+    g.add_argument("--lr", type=positive_float, default=None,
+                   help="AdamW learning rate (default: 1e-3, the fine-tune's and from scratch)")
     g.add_argument("--seeds", type=int_list, default="0",
                    help="comma-separated seeds (split, poisoning, init, batches); results are averaged")
     g.add_argument("--seed", type=int, default=None, help="a single seed (overrides --seeds)")
@@ -71,16 +80,36 @@ def run_demo(args) -> int:
     except argparse.ArgumentTypeError as err:
         args.parser.error(f"--out: {err}")
     pcr = config_from_args(args.parser, args, DEMO_PCR_CONFIG)
+    if args.epochs is not None and args.steps is not None:
+        args.parser.error("give --epochs or --steps, not both")
     target = args.target or DEFAULT_TARGET
+    from ..eval.runner import FINETUNE_EPOCHS, SCRATCH_STEPS, prepare_experiment, training_steps
+
+    # the regime's step count (for the progress bar), and each seed's pre-trained model made
+    # here once rather than by two workers at the same time (a fresh cache pre-trains)
+    t0 = time.perf_counter()
+    sizes = {}
+    for seed in seeds:
+        try:
+            exp = prepare_experiment(args.attacks[0], args.poison_ratio, seed, args.model, init=args.init,
+                                     target=target, test_size=args.test_size)
+        except ValueError as err:
+            args.parser.error(str(err))
+        sizes[seed] = exp.num_samples
+        if args.init == "pretrained":
+            exp.initial_model(args.device, progress=not args.no_progress)
+    epochs, steps = args.epochs, args.steps
+    if epochs is None and steps is None:   # the runner's defaults, written out for the record
+        epochs, steps = (FINETUNE_EPOCHS, None) if args.init == "pretrained" else (None, SCRATCH_STEPS)
     jobs_spec = []
     for attack in args.attacks:
         for seed in seeds:
             for defense in args.defenses:
-                jobs_spec.append(dict(attack=attack, defense=defense, poison_ratio=args.poison_ratio,
-                                      steps=args.steps, seed=seed, model=args.model,
+                jobs_spec.append(dict(attack=attack, defense=defense, poison_ratio=args.poison_ratio, init=args.init,
+                                      epochs=epochs, steps=steps, seed=seed, model=args.model,
                                       pcr=pcr if defense == "pcr" else None, batch_size=args.batch_size,
-                                      lr=args.lr, target=target, test_size=args.test_size, device=args.device))
-    t0 = time.perf_counter()
+                                      lr=args.lr, target=target, test_size=args.test_size, device=args.device,
+                                      total_steps=training_steps(sizes[seed], args.batch_size, epochs, steps)))
     jobs = _num_jobs(args, len(jobs_spec))
     if jobs > 1:
         runs = _run_parallel(jobs_spec, jobs, args)
@@ -89,15 +118,15 @@ def run_demo(args) -> int:
             torch.set_num_threads(args.threads)
         runs = []
         for spec in jobs_spec:
-            runs.append(run_experiment(progress=not args.no_progress, **spec))
+            runs.append(run_experiment(progress=not args.no_progress, **_run_args(spec)))
             _print_run(runs[-1], len(runs), len(jobs_spec))
-    config = {"attacks": args.attacks, "poison_ratio": args.poison_ratio, "steps": args.steps, "seeds": seeds,
-              "model": args.model, "batch_size": args.batch_size, "lr": args.lr, "target": target,
-              "pcr": pcr.to_dict(),
+    config = {"attacks": args.attacks, "poison_ratio": args.poison_ratio, "init": args.init, "epochs": epochs,
+              "steps": steps, "seeds": seeds, "model": args.model, "batch_size": args.batch_size,
+              "lr": runs[0]["lr"] if runs else args.lr, "target": target, "pcr": pcr.to_dict(),
               "device": args.device, "jobs": jobs, "seconds": round(time.perf_counter() - t0, 1)}
     print()
-    print(f"Poison ratio {args.poison_ratio:.0%}, {args.steps} steps, model {args.model}, seeds {seeds} "
-          "(rates in %, mean ± std over seeds):")
+    print(f"{report.title(runs)}, PCR mode {pcr.mode!r} (rates in %, mean ± std over seeds; cost = forward + "
+          "2 × backward samples counted on the model, against plain SFT):")
     print(report.format_table(runs))
     path = report.write_results(runs, args.out, config)
     png = report.save_chart(runs, os.path.join(args.out, "results.png"))
@@ -105,9 +134,15 @@ def run_demo(args) -> int:
     return 0
 
 
+def _run_args(spec: dict) -> dict:
+    return {k: v for k, v in spec.items() if k != "total_steps"}
+
+
 def _print_run(r, done: int, total: int) -> None:
+    c = r.get("compute") or {}
     print(f"[{done}/{total}] {r['attack']:<14} {r['defense']:<4} seed {r['seed']}: ASR {100 * r['asr']:5.1f}%  "
           f"accuracy {100 * r['clean_accuracy']:5.1f}%  BLEU-4 {100 * r['bleu']:5.1f}  "
+          f"fwd {c.get('forward_samples', 0)} bwd {c.get('backward_samples', 0)}  "
           f"({r['train_seconds']:.0f}s)", flush=True)
 
 
@@ -145,7 +180,7 @@ def _worker_progress(n: int) -> None:
 def _run_one(spec: dict) -> dict:
     from ..eval.runner import run_experiment
 
-    return run_experiment(progress=_worker_progress, **spec)
+    return run_experiment(progress=_worker_progress, **_run_args(spec))
 
 
 def _run_parallel(specs: List[dict], jobs: int, args) -> List[dict]:
@@ -159,7 +194,7 @@ def _run_parallel(specs: List[dict], jobs: int, args) -> List[dict]:
     manager = ctx.Manager()
     q = manager.Queue()
     threads = max(1, (args.threads or os.cpu_count() or 1) // jobs)
-    total_steps = sum(s["steps"] for s in specs)
+    total_steps = sum(s["total_steps"] for s in specs)
     results: List[Optional[dict]] = [None] * len(specs)
     done = 0
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads, q)) as pool, \

@@ -156,7 +156,9 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: PCRConfig, title
         hints = typing.get_type_hints(cls)
         text = helps.setdefault(cls, _record_help(cls)).get(name, "")
         if name == "mode":
-            text = ("scan: scan the training set for invariant responses, drop them, unlearn the target tokens; "
+            text = ("inline: test a few rows per step for invariant responses holding a token the model never "
+                    "predicted before, unlearn it; "
+                    "scan: scan the training set for invariant responses, drop them, unlearn the target tokens; "
                     "online: the per-batch two-view objective")
         default = values[name]
         if isinstance(default, tuple):  # argparse passes a string default through the flag's type

@@ -59,6 +59,8 @@ class InlineMemory:
         invariance_threshold, view_confidence, original_confidence: the detector's
             thresholds (:class:`~pcr_fast.config.DetectorConfig`).
         device: where the tables live (the model's device).
+        group: the torch.distributed process group whose ranks share this memory (default:
+            all ranks, when a process group is initialised).
 
     Per training step: ``observe(labels, ce)``; ``k = rows_to_test(batch_rows)``;
     ``rows, eligible = select(ids, labels, ce, k)``; the masked views of ``rows`` →
@@ -71,7 +73,7 @@ class InlineMemory:
                  novelty_confidence: float = 4.6, novelty_window: int = 16, flagged_share: float = 0.1,
                  min_support: int = 8, views: int = 3, invariance_threshold: float = 0.1,
                  view_confidence: float = 3.0, original_confidence: float = 0.3,
-                 device: Union[str, torch.device, None] = None):
+                 device: Union[str, torch.device, None] = None, group: Any = None):
         for name, value in (("num_samples", num_samples), ("vocab_size", vocab_size), ("min_support", min_support),
                             ("novelty_window", novelty_window), ("views", views)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -106,10 +108,11 @@ class InlineMemory:
         self._nominal_rows: Optional[int] = None
         self._pending = torch.zeros_like(self.counts)
         self._records: List[Tensor] = []
+        self.group = group
 
     @classmethod
     def from_config(cls, config: PCRConfig, num_samples: int, vocab_size: int,
-                    device: Union[str, torch.device, None] = None) -> "InlineMemory":
+                    device: Union[str, torch.device, None] = None, group: Any = None) -> "InlineMemory":
         """A memory with the budget, novelty and target rule of ``config`` (its
         ``inline``, ``unlearn.min_support``, ``augment.views`` and ``detector``)."""
         if not isinstance(config, PCRConfig):
@@ -119,7 +122,7 @@ class InlineMemory:
                    novelty_window=ic.novelty_window, flagged_share=ic.flagged_share,
                    min_support=config.unlearn.min_support, views=config.augment.views,
                    invariance_threshold=det.invariance_threshold, view_confidence=det.view_confidence,
-                   original_confidence=det.original_confidence, device=device)
+                   original_confidence=det.original_confidence, device=device, group=group)
 
     # ---- sizes and derived tables ---------------------------------------------------------
     @property
@@ -266,13 +269,12 @@ class InlineMemory:
         pending = self._pending
         records = torch.cat(self._records) if self._records else torch.zeros(0, _RECORD_COLUMNS, dtype=torch.double,
                                                                             device=self.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            dist = torch.distributed
-            dist.all_reduce(pending)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(pending, group=self.group)
             if records.shape[0]:   # every rank records the same number of rows per step
-                parts = [torch.empty_like(records) for _ in range(dist.get_world_size())]
-                dist.all_gather(parts, records.contiguous())
+                parts = [torch.empty_like(records) for _ in range(dist.get_world_size(self.group))]
+                dist.all_gather(parts, records.contiguous(), group=self.group)
                 self._apply_records(torch.cat(parts))
         open_window = self.counts[_SEEN] < self.thresholds["novelty_window"]
         self.counts[_SEEN] += torch.where(open_window, pending[_SEEN], torch.zeros_like(pending[_SEEN]))

@@ -18,11 +18,15 @@ from ..environment import basic_record
 METRICS = ("asr", "clean_accuracy", "bleu", "false_trigger_rate")
 LABELS = {"asr": "ASR", "clean_accuracy": "accuracy", "bleu": "BLEU-4", "false_trigger_rate": "false-trigger",
           "cost_ratio": "cost ×plain"}
-VARIANT_NAMES = {"plain": "plain SFT", "inline": "PCR inline", "scan": "PCR scan", "online": "PCR online"}
+VARIANT_NAMES = {"plain": "plain SFT", "inline": "PCR inline", "scan": "PCR scan", "online": "PCR online",
+                 "control": "inline path, no test"}
 
 
 def variant(run: Dict) -> str:
-    """``plain`` for a run without defense, else its PCR mode."""
+    """The run's ``variant`` if it names one, else ``plain`` for a run without defense and its
+    PCR mode otherwise."""
+    if run.get("variant"):
+        return str(run["variant"])
     if run.get("defense", "none") == "none":
         return "plain"
     pcr = run.get("pcr") or {}
@@ -92,7 +96,7 @@ def _fmt(row: Optional[Dict], key: str, percent: bool = True) -> str:
 
 def _variants(summary: Sequence[Dict]) -> List[str]:
     found = list(OrderedDict.fromkeys(r["variant"] for r in summary))
-    order = [v for v in ("plain", "inline", "scan", "online") if v in found]
+    order = [v for v in ("plain", "inline", "scan", "online", "control") if v in found]
     return order + [v for v in found if v not in order]
 
 
@@ -154,7 +158,7 @@ def write_results(runs: List[Dict], out_dir: str, config: Dict, name: str = "res
     return path
 
 
-_COLOURS = {"plain": "#d1495b", "inline": "#00798c", "scan": "#edae49", "online": "#66a182"}
+_COLOURS = {"plain": "#d1495b", "inline": "#00798c", "scan": "#edae49", "online": "#66a182", "control": "#8d96a3"}
 
 
 def save_chart(runs: Iterable[Dict], path: str) -> str:

@@ -114,9 +114,13 @@ class Experiment:
 
 def prepare_experiment(attack: Union[str, TriggerFn] = "badnets", poison_ratio: float = 0.1, seed: int = 0,
                        model: str = "llava", *, init: str = "scratch", target: str = DEFAULT_TARGET,
-                       test_size: int = 300, pretrain_images: int = PRETRAIN_IMAGES, image_size: int = 32,
+                       test_size: int = 300, pretrain_images: int = PRETRAIN_IMAGES,
+                       finetune_images: Optional[int] = None, image_size: int = 32,
                        patch_size: int = 8, hidden_size: int = 64, num_layers: int = 2) -> Experiment:
-    """Data, poisoning, tokenizer and model spec of one experiment (no training yet)."""
+    """Data, poisoning, tokenizer and model spec of one experiment (no training yet).
+
+    ``finetune_images``: keep only the first this many images of the fine-tuning split
+    (pretrained setting; default all: tests and quick looks use fewer)."""
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     trigger = get_trigger(attack)
@@ -132,6 +136,10 @@ def prepare_experiment(attack: Union[str, TriggerFn] = "badnets", poison_ratio: 
         words = task_words()
     else:
         pre_idx, ft_idx = pretrain_finetune_split(train_idx, pretrain_images, seed)
+        if finetune_images is not None:
+            if isinstance(finetune_images, bool) or not isinstance(finetune_images, int) or finetune_images < 1:
+                raise ValueError(f"finetune_images must be a positive int, got {finetune_images!r}")
+            ft_idx = ft_idx[:finetune_images]
         pre, finetune = images.subset(pre_idx), images.subset(ft_idx)
         pre_samples = make_instruction_samples(pre)
         pretrain = (pre.images[[s.image for s in pre_samples]], [s.prompt for s in pre_samples],
@@ -173,7 +181,8 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
                    poison_ratio: float = 0.1, steps: Optional[int] = None, seed: int = 0, model: str = "llava",
                    pcr=None, *, init: str = "scratch", epochs: Optional[float] = None, batch_size: int = 32,
                    lr: Optional[float] = None, target: str = DEFAULT_TARGET, test_size: int = 300,
-                   pretrain_images: int = PRETRAIN_IMAGES, pretrain: Optional[PretrainRecipe] = None,
+                   pretrain_images: int = PRETRAIN_IMAGES, finetune_images: Optional[int] = None,
+                   pretrain: Optional[PretrainRecipe] = None,
                    image_size: int = 32, patch_size: int = 8, hidden_size: int = 64, num_layers: int = 2,
                    device=None, progress: Union[bool, Callable[[int], None]] = True) -> Dict:
     """Fine-tune a tiny VLM on poisoned digits data (plain SFT or PCR) and evaluate it.
@@ -200,6 +209,8 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
             trains plain SFT until its first scan (``schedule.scan_at``); mode "online" after
             ``schedule.warmup`` of the steps (from scratch the model must first answer from
             the image content, as a pretrained model already does).
+        pretrain_images, finetune_images: images of the clean pre-training split and (at most) of
+            the fine-tuning split (pretrained setting).
         pretrain: the pre-training recipe (pretrained setting; default :class:`PretrainRecipe`).
         progress: show a tqdm bar (True), nothing (False), or call ``progress(n)`` with the
             number of steps just done (e.g. to feed a bar in another process).
@@ -233,7 +244,8 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
     if pcr is not None and not isinstance(pcr, PCRConfig):
         raise ValueError(f"pcr must be a PCRConfig or None, got {type(pcr).__name__}")
     exp = prepare_experiment(attack, poison_ratio, seed, model, init=init, target=target, test_size=test_size,
-                             pretrain_images=pretrain_images, image_size=image_size, patch_size=patch_size,
+                             pretrain_images=pretrain_images, finetune_images=finetune_images,
+                             image_size=image_size, patch_size=patch_size,
                              hidden_size=hidden_size, num_layers=num_layers)
     steps = training_steps(exp.num_samples, batch_size, epochs, steps)
     dev = _pick_device(device)
