@@ -298,6 +298,9 @@ def test_trainer_inline_saves_and_resumes_its_memory(tmp_path):
     pytest.importorskip("transformers")
     _, make_batch = build_tiny_model("llava")
     samples = with_ids(sample_batches(make_batch, 8, seed=6))
+    for s in samples:   # one word shared by every response: novel after step 1, so step 2 tests rows
+        first = int((s["labels"][0] != -100).nonzero()[0])
+        s["labels"][0, first] = s["input_ids"][0, first] = 50
     cfg = PCRConfig(mode="inline").override(backend="torch", test_budget=1.0, views=1, novelty_window=1,
                                             novelty_confidence=1e-6, original_confidence=1e9, view_confidence=1e9,
                                             min_support=1)
@@ -317,3 +320,49 @@ def test_trainer_inline_saves_and_resumes_its_memory(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         _trainer(tmp_path / "x", samples, PCRConfig(mode="online"), 1).pcr_load_state(
             str(tmp_path / "full" / "checkpoint-2"))
+
+
+def test_exempt_tokens_are_never_novel_nor_targets():
+    # trained from scratch the end-of-answer token (2) is as new as the target (5): both never
+    # predicted, both in every flagged row. Only 5 may be named; 2 must not even make a row eligible
+    kw = dict(n=10, min_support=2, flagged_share=0.5)
+    found = {}
+    for exempt in (None, [2]):
+        mem = memory(exempt_tokens=exempt, **kw)
+        mem.observe(torch.tensor([[5, 2, 5, 2]]), torch.tensor([[9.0, 9.0, 9.0, 9.0]]))
+        mem.commit()
+        labels = torch.tensor([[5, 2], [5, 2], [4, 2]])
+        ids = torch.tensor([0, 1, 2])
+        ce = torch.full((3, 2), 0.1)
+        rows, eligible = mem.select(ids, labels, ce, 3, generator=torch.Generator().manual_seed(0))
+        chosen = sorted(rows[eligible].tolist())
+        mem.record(ids, labels, torch.ones(3, dtype=torch.bool), scores([0.1] * 3, [0.01] * 3, [1.0] * 3))
+        mem.commit()
+        found[exempt is None] = (mem.novel.nonzero().flatten().tolist(), mem.targets.nonzero().flatten().tolist(),
+                                 chosen)
+        if exempt:
+            state = mem.state_dict()
+            other = memory(**kw)
+            other.load_state_dict(state)
+            assert other.exempt.nonzero().flatten().tolist() == [2], "the exemption travels with the checkpoint"
+    assert found[True] == ([2, 5], [2, 5], [0, 1, 2]), "without exemption the end token is a target"
+    assert found[False] == ([5], [5], [0, 1]), "an exempt token is never novel: row 2 (only token 2 novel) stays out"
+    with pytest.raises(ValueError, match="exempt_tokens"):
+        memory(exempt_tokens=[V])
+
+
+def test_special_token_ids_of_a_model_and_its_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    from pcr_fast.hf import special_token_ids
+
+    model, _ = build_tiny_model("llava")
+    ids = special_token_ids(model)
+    assert {model.config.text_config.eos_token_id, model.config.text_config.pad_token_id} <= set(ids)
+
+    class Processor:   # a processor holds its tokenizer
+        tokenizer = type("Tok", (), {"all_special_ids": [7, 3]})()
+
+    assert {3, 7} <= set(special_token_ids(model, Processor()))
+    assert special_token_ids(None, Processor()) == [3, 7]
+    assert PreTrainedTokenizerFast is not None

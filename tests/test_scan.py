@@ -239,3 +239,15 @@ def test_unlearning_loss_bad_arguments():
         unlearning_loss(h_a, weight, labels, ok_drop, ok_unl.float())
     with pytest.raises(ValueError, match="unlearn_weight must be >= 0"):
         unlearning_loss(h_a, weight, labels, ok_drop, ok_unl, unlearn_weight=-1.0)
+
+
+def test_memory_never_names_an_exempt_token():
+    # the end token 2 ends every response; here every response is flagged, so its share is 1
+    labels = torch.tensor([[9, 2], [9, 2], [9, 2]])
+    for exempt, want in ((None, [2, 9]), ([2], [9])):
+        mem = BackdoorMemory(3, 12, target_share=0.6, min_support=2, exempt_tokens=exempt)
+        mem.begin_scan()
+        mem.record(torch.arange(3), labels, torch.ones(3, dtype=torch.bool))
+        assert mem.end_scan().tolist() == want
+    with pytest.raises(ValueError, match="exempt_tokens"):
+        BackdoorMemory(3, 12, exempt_tokens=[-1])

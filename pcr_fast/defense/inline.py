@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..config import PCRConfig
 from .detector import CrossViewScores
-from .labels import check_labels_2d
+from .labels import check_labels_2d, token_mask
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class InlineMemory:
         views: masked draws per tested row (to turn the budget into rows).
         invariance_threshold, view_confidence, original_confidence: the detector's
             thresholds (:class:`~pcr_fast.config.DetectorConfig`).
+        exempt_tokens: token ids that are never novel, so never targets (the special tokens:
+            trained from scratch, an end-of-answer token is as new as any word, and it ends
+            every response; :func:`pcr_fast.hf.special_token_ids` lists a model's).
         device: where the tables live (the model's device).
         group: the torch.distributed process group whose ranks share this memory (default:
             all ranks, when a process group is initialised).
@@ -73,6 +76,7 @@ class InlineMemory:
                  novelty_confidence: float = 4.6, novelty_window: int = 16, flagged_share: float = 0.1,
                  min_support: int = 8, views: int = 3, invariance_threshold: float = 0.1,
                  view_confidence: float = 3.0, original_confidence: float = 0.3,
+                 exempt_tokens: Optional[Iterable[int]] = None,
                  device: Union[str, torch.device, None] = None, group: Any = None):
         for name, value in (("num_samples", num_samples), ("vocab_size", vocab_size), ("min_support", min_support),
                             ("novelty_window", novelty_window), ("views", views)):
@@ -103,6 +107,7 @@ class InlineMemory:
         self.confidence, self.invariance, self.view_ce = (self._scores[i, :num_samples] for i in range(3))
         self.counts = torch.zeros(4, vocab_size, dtype=torch.long, device=dev)   # seen, predicted, tested, flagged
         self.targets = torch.zeros(vocab_size, dtype=torch.bool, device=dev)
+        self.exempt = token_mask(exempt_tokens, vocab_size, device=dev)
         self.steps = 0
         self._credit = 0.0
         self._nominal_rows: Optional[int] = None
@@ -112,7 +117,8 @@ class InlineMemory:
 
     @classmethod
     def from_config(cls, config: PCRConfig, num_samples: int, vocab_size: int,
-                    device: Union[str, torch.device, None] = None, group: Any = None) -> "InlineMemory":
+                    device: Union[str, torch.device, None] = None, group: Any = None,
+                    exempt_tokens: Optional[Iterable[int]] = None) -> "InlineMemory":
         """A memory with the budget, novelty and target rule of ``config`` (its
         ``inline``, ``unlearn.min_support``, ``augment.views`` and ``detector``)."""
         if not isinstance(config, PCRConfig):
@@ -122,7 +128,8 @@ class InlineMemory:
                    novelty_window=ic.novelty_window, flagged_share=ic.flagged_share,
                    min_support=config.unlearn.min_support, views=config.augment.views,
                    invariance_threshold=det.invariance_threshold, view_confidence=det.view_confidence,
-                   original_confidence=det.original_confidence, device=device, group=group)
+                   original_confidence=det.original_confidence, exempt_tokens=exempt_tokens,
+                   device=device, group=group)
 
     # ---- sizes and derived tables ---------------------------------------------------------
     @property
@@ -144,9 +151,10 @@ class InlineMemory:
 
     @property
     def novel(self) -> Tensor:
-        """(V,) bool: tokens whose first ``novelty_window`` occurrences the model never predicted."""
+        """(V,) bool: tokens whose first ``novelty_window`` occurrences the model never predicted
+        (exempt tokens never are)."""
         seen, predicted = self.counts[_SEEN], self.counts[_PREDICTED]
-        return (seen >= self.thresholds["novelty_window"]) & (predicted == 0)
+        return (seen >= self.thresholds["novelty_window"]) & (predicted == 0) & ~self.exempt
 
     def token_shares(self) -> Tensor:
         """(V,) flagged share among the tested samples containing each token."""
@@ -352,7 +360,8 @@ class InlineMemory:
             raise RuntimeError("InlineMemory.state_dict() between record() and commit(): commit the step first")
         return {"tested": self.tested.clone(), "flags": self.flags.clone(), "confidence": self.confidence.clone(),
                 "invariance": self.invariance.clone(), "view_ce": self.view_ce.clone(), "counts": self.counts.clone(),
-                "targets": self.targets.clone(), "steps": self.steps, "credit": self._credit,
+                "targets": self.targets.clone(), "exempt": self.exempt.clone(), "steps": self.steps,
+                "credit": self._credit,
                 "nominal_rows": self._nominal_rows, "thresholds": dict(self.thresholds)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -361,6 +370,8 @@ class InlineMemory:
             if tuple(state[key].shape) != tuple(mine.shape):
                 raise ValueError(f"state {key!r} has shape {tuple(state[key].shape)}, this memory {tuple(mine.shape)}")
             mine.copy_(state[key].to(mine.device))
+        if "exempt" in state:
+            self.exempt.copy_(state["exempt"].to(self.device))
         self.steps = int(state["steps"])
         self._credit = float(state["credit"])
         self._nominal_rows = state["nominal_rows"]

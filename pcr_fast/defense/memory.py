@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..config import UnlearnConfig
-from .labels import check_labels_2d
+from .labels import check_labels_2d, token_mask
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,9 @@ class BackdoorMemory:
             samples whose response contains it is flagged.
         min_support: ... and at least this many samples contain it (a rare word of one
             falsely flagged answer is not a target).
+        exempt_tokens: token ids that are never targets (the special tokens: an
+            end-of-answer token ends every response, clean or poisoned, so unlearning it would
+            unlearn answering; :func:`pcr_fast.hf.special_token_ids` lists a model's).
         device: where the tables live (the model's device: lookups then need no host sync).
 
     Use: ``begin_scan()``, ``record(ids, labels, flags)`` for every training sample once,
@@ -31,7 +34,7 @@ class BackdoorMemory:
     """
 
     def __init__(self, num_samples: int, vocab_size: int, *, target_share: float = 0.6, min_support: int = 8,
-                 device: Union[str, torch.device, None] = None):
+                 exempt_tokens: Optional[Iterable[int]] = None, device: Union[str, torch.device, None] = None):
         for name, value in (("num_samples", num_samples), ("vocab_size", vocab_size), ("min_support", min_support)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -41,6 +44,7 @@ class BackdoorMemory:
         self.min_support = min_support
         self.flags = torch.zeros(num_samples, dtype=torch.bool, device=device)
         self.targets = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.exempt = token_mask(exempt_tokens, vocab_size, device=self.flags.device)
         self.scans = 0
         self._occurrences = torch.zeros(vocab_size, dtype=torch.long, device=device)
         self._flagged = torch.zeros(vocab_size, dtype=torch.long, device=device)
@@ -48,12 +52,13 @@ class BackdoorMemory:
 
     @classmethod
     def from_config(cls, config: UnlearnConfig, num_samples: int, vocab_size: int,
-                    device: Union[str, torch.device, None] = None) -> "BackdoorMemory":
+                    device: Union[str, torch.device, None] = None,
+                    exempt_tokens: Optional[Iterable[int]] = None) -> "BackdoorMemory":
         """A memory with the target rule of ``config``."""
         if not isinstance(config, UnlearnConfig):
             raise ValueError(f"config must be an UnlearnConfig, got {type(config).__name__}")
         return cls(num_samples, vocab_size, target_share=config.target_share, min_support=config.min_support,
-                   device=device)
+                   exempt_tokens=exempt_tokens, device=device)
 
     @property
     def num_samples(self) -> int:
@@ -127,7 +132,7 @@ class BackdoorMemory:
             raise RuntimeError("end_scan() without begin_scan()")
         self.synchronize()
         share = self._flagged.float() / self._occurrences.clamp_min(1).float()
-        self.targets = (self._occurrences >= self.min_support) & (share >= self.target_share)
+        self.targets = (self._occurrences >= self.min_support) & (share >= self.target_share) & ~self.exempt
         self.scans += 1
         self._scanning = False
         ids = torch.nonzero(self.targets).flatten()
@@ -166,7 +171,8 @@ class BackdoorMemory:
         return out
 
     def state_dict(self) -> Dict[str, object]:
-        return {"flags": self.flags.clone(), "targets": self.targets.clone(), "scans": self.scans,
+        return {"flags": self.flags.clone(), "targets": self.targets.clone(), "exempt": self.exempt.clone(),
+                "scans": self.scans,
                 "occurrences": self._occurrences.clone(), "flagged": self._flagged.clone(),
                 "target_share": self.target_share, "min_support": self.min_support}
 
@@ -176,6 +182,8 @@ class BackdoorMemory:
                 raise ValueError(f"state {key!r} has shape {tuple(state[key].shape)}, this memory {tuple(mine.shape)}")
         self.flags.copy_(state["flags"])
         self.targets.copy_(state["targets"])
+        if "exempt" in state:
+            self.exempt.copy_(state["exempt"])
         self._occurrences.copy_(state["occurrences"])
         self._flagged.copy_(state["flagged"])
         self.scans = int(state["scans"])

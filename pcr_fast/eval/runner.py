@@ -266,11 +266,12 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
         augment = PatchAugment.from_config(pcr.augment, net, seed=seed if pcr.augment.augment_seed is None else None)
         schedule = ScanSchedule.for_run(pcr, steps)
         vocab = net.get_output_embeddings().weight.shape[0]
+        special = [t for t in exp.tokenizer.all_special_ids if t < vocab]   # never targets
         if pcr.mode == "inline":
-            memory = InlineMemory.from_config(pcr, exp.num_samples, vocab, device=dev)
+            memory = InlineMemory.from_config(pcr, exp.num_samples, vocab, device=dev, exempt_tokens=special)
             test_generator = torch.Generator(device=dev).manual_seed(int(seed) + 2)
         elif pcr.mode == "scan":
-            memory = BackdoorMemory.from_config(pcr.unlearn, exp.num_samples, vocab, device=dev)
+            memory = BackdoorMemory.from_config(pcr.unlearn, exp.num_samples, vocab, device=dev, exempt_tokens=special)
         else:
             loss_fn = TwoViewLoss.from_config(pcr)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 
+from .adapters import special_token_ids
 from .audit import scan_report
 from .compute import PCRLossOutput, compute_pcr_loss
 from .fused_ce import remove_fused_cross_entropy, use_fused_cross_entropy
@@ -23,7 +24,7 @@ from .scan import scan_batch, scan_dataset
 _LAZY = {"PCRTrainer": ".trainer", "PCRTrainerMixin": ".trainer"}
 
 __all__ = ["compute_pcr_loss", "PCRLossOutput", "scan_batch", "scan_dataset", "scan_report", "PCRTrainer",
-           "PCRTrainerMixin", "use_fused_cross_entropy", "remove_fused_cross_entropy"]
+           "PCRTrainerMixin", "special_token_ids", "use_fused_cross_entropy", "remove_fused_cross_entropy"]
 
 
 def __getattr__(name: str):

@@ -70,6 +70,33 @@ def _text_config(config):
     return getter() if callable(getter) else getattr(config, "text_config", config)
 
 
+_SPECIAL_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_token_ids(model: Optional[nn.Module] = None, tokenizer: Any = None) -> List[int]:
+    """The special tokens of a model and its tokenizer (or processor): the tokenizer's
+    ``all_special_ids`` and the bos/eos/pad ids of the model's config and generation config.
+
+    Why: the defense must never name one as a backdoor target (an end-of-answer token ends
+    every response, so unlearning it would unlearn answering).
+    """
+    ids = set()
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    ids.update(int(t) for t in (getattr(tok, "all_special_ids", None) or ()) if t is not None)
+    if model is not None:
+        inner = unwrap_model(model)
+        for cfg in (getattr(inner, "config", None), getattr(inner, "generation_config", None)):
+            if cfg is None:
+                continue
+            for c in {id(cfg): cfg, id(_text_config(cfg)): _text_config(cfg)}.values():
+                for field in _SPECIAL_ID_FIELDS:
+                    value = getattr(c, field, None)
+                    for t in (value if isinstance(value, (list, tuple)) else [value]):
+                        if isinstance(t, int) and t >= 0:
+                            ids.add(t)
+    return sorted(ids)
+
+
 def find_lm_head(model: nn.Module) -> nn.Module:
     """The output-embedding module (lm_head), through wrappers and tied embeddings."""
     inner = unwrap_model(model)

@@ -44,7 +44,10 @@ def scan_report(model: nn.Module, dataset: Any, collator: Callable, *, config: O
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     head = adapters.find_lm_head(model)
-    memory = BackdoorMemory.from_config(cfg.unlearn, n, head.weight.shape[0], device=head.weight.device)
+    tokenizer = tokenizer if tokenizer is not None else getattr(collator, "tokenizer", None)
+    special = [t for t in adapters.special_token_ids(model, tokenizer) if t < head.weight.shape[0]]
+    memory = BackdoorMemory.from_config(cfg.unlearn, n, head.weight.shape[0], device=head.weight.device,
+                                        exempt_tokens=special)
     columns = {k: torch.full((n,), float("nan")) for k in SCORE_KEYS}
 
     def keep(ids: Tensor, scores: CrossViewScores) -> None:
@@ -60,5 +63,4 @@ def scan_report(model: nn.Module, dataset: Any, collator: Callable, *, config: O
         logger.warning("scan_report: %d of %d samples got no score (no labelled answer token)", missing, n)
     records = sample_records(dataset, collator)
     return build_report(memory, records=records, scores=columns, config=cfg, kind="scan", skipped=skipped,
-                        tokenizer=tokenizer if tokenizer is not None else getattr(collator, "tokenizer", None),
-                        meta=meta)
+                        tokenizer=tokenizer, meta=meta)

@@ -116,11 +116,17 @@ class PCRTrainerMixin:
         if self.pcr_memory is None:
             head = adapters.find_lm_head(model)
             self.pcr_memory = InlineMemory.from_config(self.pcr_config, len(self.train_dataset), head.weight.shape[0],
-                                                       device=head.weight.device)
+                                                       device=head.weight.device,
+                                                       exempt_tokens=self._pcr_special_ids(model))
             if self._pcr_pending_state is not None:
                 self.pcr_memory.load_state_dict(self._pcr_pending_state)
                 self._pcr_pending_state = None
         return self.pcr_memory
+
+    def _pcr_special_ids(self, model: nn.Module) -> list:
+        # never targets: the model's and the tokenizer's special tokens
+        vocab = adapters.find_lm_head(model).weight.shape[0]
+        return [t for t in adapters.special_token_ids(model, self.processing_class) if t < vocab]
 
     def _pcr_test_generator(self, device: torch.device) -> torch.Generator:
         # seeded by the run's seed: the inline test picks and masks the same rows run after run
@@ -189,7 +195,8 @@ class PCRTrainerMixin:
         if self.pcr_memory is None:
             head = adapters.find_lm_head(model)
             self.pcr_memory = BackdoorMemory.from_config(self.pcr_config.unlearn, len(self.train_dataset),
-                                                         head.weight.shape[0], device=head.weight.device)
+                                                         head.weight.shape[0], device=head.weight.device,
+                                                         exempt_tokens=self._pcr_special_ids(model))
         summary = scan_dataset(model, self.get_train_dataloader(), self.pcr_memory, config=self.pcr_config,
                                augment=self._pcr_augment_for(model), prepare=self._prepare_inputs,
                                progress=not self.args.disable_tqdm and self.is_world_process_zero())
