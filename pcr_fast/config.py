@@ -322,7 +322,7 @@ class PCRConfig:
     (``cfg.override(mode="online", mask_ratio=0.3)``); :meth:`leaves` lists them.
     """
 
-    mode: str = field(default="scan", metadata={"choices": MODES})
+    mode: str = field(default="inline", metadata={"choices": MODES})
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
@@ -348,6 +348,19 @@ class PCRConfig:
             for f in dataclasses.fields(cls):
                 out[f.name] = section
         return out
+
+    @classmethod
+    def leaves_read(cls, mode: str) -> Tuple[str, ...]:
+        """The leaf fields ``mode`` reads; the others are kept (one config can be switched
+        between modes) but have no effect there. The CLI refuses a changed unread leaf."""
+        _choice("mode", mode, MODES)
+        sections = cls.leaf_sections()
+        whole = {"inline": ("augment", "detector", "inline", "execution"),
+                 "scan": ("augment", "detector", "unlearn", "execution"),
+                 "online": ("augment", "objective", "execution")}[mode]
+        extra = {"inline": ("min_support", "unlearn_weight"), "scan": ("scan_at",),
+                 "online": ("warmup", "invariance_threshold", "view_confidence")}[mode]
+        return tuple(n for n, s in sections.items() if not s or s in whole or n in extra)
 
     def leaves(self) -> Dict[str, Any]:
         """Every leaf field name → its value (the flat view the CLI and logs use)."""

@@ -40,7 +40,7 @@ def train(home, out, *args, model="llava", data="llava"):
 @pytest.fixture(scope="module")
 def pcr_run(home):
     # scans before steps 3 and 9 of 12; checkpoints at 6 and 12; a loose target rule for 40 rows
-    rc, stdout, stderr = train(home, "pcr", "--max-steps", "12", "--scan-at", "0.25,0.75", "--min-support", "2", *FAST)
+    rc, stdout, stderr = train(home, "pcr", "--max-steps", "12", "--mode", "scan", "--scan-at", "0.25,0.75", "--min-support", "2", *FAST)
     assert rc == 0, stderr
     return {"out": home["root"] / "pcr", "stdout": stdout}
 
@@ -70,7 +70,7 @@ def test_resume_continues_with_the_defense_state(home, pcr_run):
     resumed = home["root"] / "resumed"
     shutil.copytree(pcr_run["out"] / "checkpoints", resumed / "checkpoints")
     shutil.rmtree(resumed / "checkpoints" / "checkpoint-12")
-    rc, stdout, stderr = train(home, "resumed", "--max-steps", "12", "--scan-at", "0.25,0.75", "--min-support", "2",
+    rc, stdout, stderr = train(home, "resumed", "--max-steps", "12", "--mode", "scan", "--scan-at", "0.25,0.75", "--min-support", "2",
                                "--resume", *FAST)
     assert rc == 0, stderr
     report = json.load(open(resumed / "pcr_report.json"))
@@ -98,7 +98,7 @@ def test_qwen2_vl_lora_with_pcr_saves_an_adapter_and_scans(home):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    rc, stdout, stderr = train(home, "qwen_lora", "--lora", "--lora-r", "4", "--max-steps", "6", "--scan-at", "0.5",
+    rc, stdout, stderr = train(home, "qwen_lora", "--lora", "--lora-r", "4", "--max-steps", "6", "--mode", "scan", "--scan-at", "0.5",
                                *FAST, model="qwen2_vl", data="messages")
     assert rc == 0, stderr
     out = home["root"] / "qwen_lora"
@@ -144,8 +144,10 @@ def write_model_dir(path, config=None, processor=True):
     (("--lora-r", "8"), "--lora-r needs --lora"),
     (("--defense", "maybe"), "invalid choice: 'maybe'"),
     (("--template", "chat"), "--template: template='chat' but the processor has no chat template"),
+    (("--scan-at", "0.5"), "--scan-at: no effect with --mode inline (--scan-at is read by --mode scan)"),
+    (("--mode", "scan", "--test-budget", "0.2"), "--test-budget: no effect with --mode scan"),
 ], ids=["max_steps", "lr", "lr_inf", "epochs_and_steps", "batch_size", "seed", "mask_ratio", "scan_at", "lora_r",
-        "defense", "template"])
+        "defense", "template", "unread_by_inline", "unread_by_scan"])
 def test_bad_flag_values_are_usage_errors(home, args, message):
     rc, _, stderr = train(home, "never", "--max-steps", "1", *args) if "--max-steps" not in args \
         else train(home, "never", *args)

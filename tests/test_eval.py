@@ -236,7 +236,7 @@ def test_run_experiment_scan_mode_scans_on_schedule():
     steps; the result says what each scan flagged (split by the true poisoned ids)."""
     from pcr_fast.eval.defaults import DEMO_PCR_CONFIG
 
-    cfg = DEMO_PCR_CONFIG.override(scan_at=(0.25, 0.75))
+    cfg = DEMO_PCR_CONFIG.override(mode="scan", scan_at=(0.25, 0.75))
     r = run_experiment(attack="blended", defense="pcr", pcr=cfg, poison_ratio=0.1, seed=1, **{**_TINY, "steps": 4})
     assert [s["step"] for s in r["scans"]] == [1, 3]
     for s in r["scans"]:

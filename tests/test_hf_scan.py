@@ -132,7 +132,7 @@ def test_compute_pcr_loss_with_memory_matches_the_naive_objective(family):
     target = labels[2][labels[2] != -100][0]
     mem.targets.zero_()
     mem.targets[target] = True
-    cfg = PCRConfig().override(backend="torch", unlearn_weight=2.5)
+    cfg = PCRConfig(mode="scan").override(backend="torch", unlearn_weight=2.5)
     out = compute_pcr_loss(model, batch, config=cfg, memory=mem)
     params = [p for p in model.parameters() if p.requires_grad]
     got = torch.autograd.grad(out.loss, params, allow_unused=True)
@@ -171,7 +171,7 @@ def test_pcr_trainer_scan_mode_scans_on_schedule_then_unlearns(tmp_path):
     samples = with_ids(sample_batches(make_batch, 8))
     # loose detector (identity view, no confidence check): every sample is flagged at the
     # first scan, so training after it runs the unlearning objective
-    cfg = PCRConfig().override(backend="torch", scan_at=(0.5,), invariance_threshold=1e-3, view_confidence=1e9,
+    cfg = PCRConfig(mode="scan").override(backend="torch", scan_at=(0.5,), invariance_threshold=1e-3, view_confidence=1e9,
                     original_confidence=1e9, views=1, min_support=1)
     trainer = PCRTrainer(model=model, args=training_args(tmp_path), train_dataset=samples, data_collator=collate,
                          pcr=cfg, pcr_augment=identity)
@@ -198,6 +198,6 @@ def test_pcr_trainer_scan_mode_refuses_an_online_loss_and_missing_ids(tmp_path):
                    data_collator=collate, pcr=PCRConfig(), pcr_loss=TwoViewLoss())
     trainer = PCRTrainer(model=model, args=training_args(tmp_path, max_steps=2),
                          train_dataset=sample_batches(make_batch, 4), data_collator=collate,
-                         pcr=PCRConfig().override(backend="torch", scan_at=(0.0,)), pcr_augment=identity)
+                         pcr=PCRConfig(mode="scan").override(backend="torch", scan_at=(0.0,)), pcr_augment=identity)
     with pytest.raises(ValueError, match="sample_ids"):
         trainer.train()

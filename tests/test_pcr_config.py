@@ -195,7 +195,7 @@ def test_bad_values_raise_at_construction_naming_the_field(field, value):
 
 def test_scan_mode_needs_scan_points_and_sections_are_typed():
     with pytest.raises(ValueError, match="scan_at"):
-        PCRConfig().override(scan_at=())
+        PCRConfig(mode="scan").override(scan_at=())
     PCRConfig().override(mode="online", scan_at=())  # fine where no scan runs
     with pytest.raises(ValueError, match="detector must be a DetectorConfig"):
         PCRConfig(detector={"invariance_threshold": 0.1})
@@ -204,14 +204,14 @@ def test_scan_mode_needs_scan_points_and_sections_are_typed():
 
 
 def test_scan_schedule_is_the_one_answer_for_trainer_and_harness():
-    scan = ScanSchedule.for_run(PCRConfig(), 100)
+    scan = ScanSchedule.for_run(PCRConfig(mode="scan"), 100)
     assert scan.scan_steps == (40, 50, 60, 70) and scan.warmup_steps == 0
     assert scan.scans_before(40) and not scan.scans_before(41)
     assert scan.trains_plain(80, memory_active=False) and not scan.trains_plain(0, memory_active=True)
     online = ScanSchedule.for_run(PCRConfig().override(mode="online", warmup=0.25), 100)
     assert online.scan_steps == () and online.warmup_steps == 25
     assert online.trains_plain(24, memory_active=False) and not online.trains_plain(25, memory_active=False)
-    assert ScanSchedule.for_run(PCRConfig().override(scan_at=(0.999,)), 10).scan_steps == (9,)
+    assert ScanSchedule.for_run(PCRConfig(mode="scan").override(scan_at=(0.999,)), 10).scan_steps == (9,)
     with pytest.raises(ValueError, match="total_steps"):
         ScanSchedule.for_run(PCRConfig(), 0)
 
@@ -232,7 +232,22 @@ def test_compute_pcr_loss_refuses_a_scan_config_without_memory():
 
     model, make_batch = build_tiny_model("llava")
     with pytest.raises(ValueError, match="needs memory="):
-        compute_pcr_loss(model, make_batch(2), config=PCRConfig())
+        compute_pcr_loss(model, make_batch(2), config=PCRConfig(mode="scan"))
+    with pytest.raises(ValueError, match="needs memory= an InlineMemory"):
+        compute_pcr_loss(model, make_batch(2), config=PCRConfig())   # the default mode, inline
+
+
+def test_each_mode_reads_its_own_leaves():
+    read = {m: set(PCRConfig.leaves_read(m)) for m in ("inline", "scan", "online")}
+    assert PCRConfig().mode == "inline"
+    assert {"test_budget", "novelty_window", "min_support", "unlearn_weight", "mask_ratio"} <= read["inline"]
+    assert not {"scan_at", "target_share", "warmup", "divergence_weight"} & read["inline"]
+    assert {"scan_at", "target_share", "min_support"} <= read["scan"] and "test_budget" not in read["scan"]
+    assert {"warmup", "divergence_weight", "invariance_threshold"} <= read["online"]
+    assert not {"scan_at", "min_support", "test_budget"} & read["online"]
+    assert all("mode" in r and "backend" in r for r in read.values())
+    with pytest.raises(ValueError, match="mode"):
+        PCRConfig.leaves_read("offline")
 
 
 def test_cached_augmentation_is_keyed_by_the_whole_augment_config():

@@ -37,7 +37,7 @@ def training_args(path, **overrides):
 
 
 # loose detector (identity view, no confidence check): every sample is flagged at a scan
-LOOSE = PCRConfig().override(backend="torch", invariance_threshold=1e-3, view_confidence=1e9, original_confidence=1e9,
+LOOSE = PCRConfig(mode="scan").override(backend="torch", invariance_threshold=1e-3, view_confidence=1e9, original_confidence=1e9,
                              views=1, min_support=1)
 
 

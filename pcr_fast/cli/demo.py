@@ -24,7 +24,9 @@ def add_demo_parser(sub) -> None:
                     "default first pre-trained on clean data and cached) twice on the same poisoned "
                     "digits data -- plain SFT and SFT with PCR -- and prints, per attack, the attack "
                     "success rate (ASR), clean quality and the counted compute against plain SFT side by "
-                    "side; writes results.json and results.png to --out.",
+                    "side; writes results.json and results.png to --out. PCR's mode is inline for "
+                    "--init pretrained (the test inside the training step) and scan for --init scratch "
+                    "(where every answer is new at first), unless --mode says otherwise.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("experiment")
     g.add_argument("--attacks", type=parse_csv, default=",".join(DEMO_DEFAULT_ATTACKS),
@@ -56,7 +58,7 @@ def add_demo_parser(sub) -> None:
     g.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     add_config_flags(p, DEMO_PCR_CONFIG, "PCR (augmentation, detector, objective, schedule; defaults are the "
                      "library's measured values)")
-    p.set_defaults(func=run_demo, parser=p)
+    p.set_defaults(func=run_demo, parser=p, mode=None)   # None: by --init (see the description)
 
 
 def run_demo(args) -> int:
@@ -79,6 +81,8 @@ def run_demo(args) -> int:
         writable_dir(args.out)  # fail now, not after training
     except argparse.ArgumentTypeError as err:
         args.parser.error(f"--out: {err}")
+    if args.mode is None:
+        args.mode = "inline" if args.init == "pretrained" else "scan"
     pcr = config_from_args(args.parser, args, DEMO_PCR_CONFIG)
     if args.epochs is not None and args.steps is not None:
         args.parser.error("give --epochs or --steps, not both")

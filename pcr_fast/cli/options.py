@@ -14,7 +14,7 @@ import re
 import typing
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from ..config import PCRConfig
+from ..config import MODES, PCRConfig
 
 
 def parse_bool(text: str) -> bool:
@@ -176,10 +176,19 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     """The config the flags describe; a bad value is a usage error naming its flag."""
     values = {name: getattr(args, name) for name in defaults.leaves() if hasattr(args, name)}
     try:
-        return defaults.override(**values)
+        config = defaults.override(**values)
     except ValueError as err:
         parser.error(_as_flag(str(err)))
         raise  # pragma: no cover - parser.error exits
+    # a setting the chosen mode never reads would be silently ignored: say so instead
+    start, read = defaults.leaves(), set(PCRConfig.leaves_read(config.mode))
+    ignored = [n for n, v in config.leaves().items() if n not in read and v != start[n]]
+    if ignored:
+        flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
+        users = {n: [m for m in MODES if n in PCRConfig.leaves_read(m)] for n in ignored}
+        hint = "; ".join(f"--{n.replace('_', '-')} is read by --mode {' or '.join(m)}" for n, m in users.items())
+        parser.error(f"{flags}: no effect with --mode {config.mode} ({hint})")
+    return config
 
 
 def _as_flag(message: str) -> str:

@@ -1,7 +1,9 @@
 """The PCR configuration the demo uses (the library default), chosen by the experiments in
 benchmarks/EVAL_NOTES.md.
 
-Scan-and-unlearn (``mode="scan"``, :mod:`pcr_fast.defense`), the library's default:
+Scan-and-unlearn (``mode="scan"``, :mod:`pcr_fast.defense`), the mode of the from-scratch
+setting (``pcr-fast demo --init scratch``); the default, ``mode="inline"``, is documented in
+:class:`pcr_fast.defense.InlineMemory` and EVAL_NOTES §9. Scan mode's settings:
 
 - Plain SFT until the first scan; scans of the whole training set at 40, 50, 60 and 70 %
   of the steps (the backdoor must be learned before it can be seen; a trigger learned
