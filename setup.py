@@ -26,10 +26,10 @@ setup(
     packages=PACKAGES,
     package_dir={"pcr_fast.kernels": "kernels"},
     install_requires=[
-        # torch: any 2.x >= 2.4 (tested: 2.13.0 CPU, 2.11.0 CUDA). On a CPU-only machine
+        # torch: any 2.x >= 2.4 (tested: 2.13.0 CPU; no GPU run yet). On a CPU-only machine
         # install torch==2.13.0 first (the Makefile does) so pip does not pull a CUDA build.
         "torch>=2.4",
-        "triton>=3.3",  # tested: 3.9.0 (CPU interpreter), 3.6.0 (H100)
+        "triton>=3.3",  # tested: 3.9.0 (CPU interpreter; GPU code compiled AOT for sm_80/86/90/100, never run)
         # transformers: tested range 5.17 .. 5.23 (the 5.x API is what pcr_fast.hf targets)
         "transformers>=5.0,<6",
         "peft>=0.17",

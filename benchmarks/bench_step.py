@@ -11,8 +11,9 @@ Methods (each one step = forward, backward, SGD update of every parameter):
     sft              the model's own loss (``model(**batch).loss``: (B, T, V) logits)
     sft_fused_ce     the same loss through ``pcr_fast.hf.use_fused_cross_entropy`` (no logits)
     defense_default  ``compute_pcr_loss(model, batch, config=PCRConfig(), memory=...)``: what
-                     the default configuration does in a training step (mode "scan": one
-                     forward; the scans of the training set are separate passes, not timed)
+                     the default configuration does in a training step (mode "inline": one
+                     training forward, the single-view CE, and on average test_budget × B / views
+                     rows' masked no-grad views; the step's share of the test is included)
     pcr_online       ``compute_pcr_loss(model, batch, config=PCRConfig(mode="online"))``: the
                      literal two-view objective, every step
 
@@ -97,7 +98,7 @@ def tiny(device: torch.device, dtype: torch.dtype, seed: int = 0):
 def step_functions(model, batch: Dict[str, torch.Tensor], names: Sequence[str]):
     """(name -> (available, reason, computes, step callable))."""
     from pcr_fast import PCRConfig
-    from pcr_fast.defense import BackdoorMemory
+    from pcr_fast.defense import BackdoorMemory, InlineMemory
     from pcr_fast.hf import compute_pcr_loss, remove_fused_cross_entropy, use_fused_cross_entropy
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -123,14 +124,17 @@ def step_functions(model, batch: Dict[str, torch.Tensor], names: Sequence[str]):
     default = PCRConfig()
     memory = None
     default_batch = batch
-    if default.mode == "scan":
+    device = batch["input_ids"].device
+    generator = torch.Generator(device=device).manual_seed(0)
+    if default.mode in ("scan", "inline"):
         vocab = model.get_output_embeddings().weight.shape[0]
-        memory = BackdoorMemory.from_config(default.unlearn, rows, vocab, device=batch["input_ids"].device)
-        default_batch = {**batch, "sample_ids": torch.arange(rows, device=batch["input_ids"].device)}
+        memory = (InlineMemory.from_config(default, rows, vocab, device=device) if default.mode == "inline"
+                  else BackdoorMemory.from_config(default.unlearn, rows, vocab, device=device))
+        default_batch = {**batch, "sample_ids": torch.arange(rows, device=device)}
 
     def defense() -> torch.Tensor:
         remove_fused_cross_entropy(model)
-        return compute_pcr_loss(model, default_batch, config=default, memory=memory).loss
+        return compute_pcr_loss(model, default_batch, config=default, memory=memory, generator=generator).loss
 
     online = PCRConfig(mode="online")
 

@@ -8,7 +8,7 @@ here and nowhere else, as is the ``tl.dot`` precision for an input dtype, the co
 capability a launch targets and the memory budget of each backend.
 
 The GPU table (:data:`GPU_CONFIGS`) was chosen by compiling every launch ahead of time for
-sm_80, sm_90 and sm_100 on a CPU machine (``make gpu-report``): every entry compiles with 0
+sm_80, sm_86, sm_90 and sm_100 on a CPU machine (``make gpu-report``): every entry compiles with 0
 spill bytes and uses tensor cores in its matmuls. It has not been timed on a GPU yet.
 """
 from __future__ import annotations

@@ -17,9 +17,10 @@ The records:
 * :class:`ScheduleConfig` — when the defense acts: warm-up and scan points;
 * :class:`ExecutionConfig` — backend and stop-gradient.
 
-The defaults of the defense are the measured ones (benchmarks/EVAL_NOTES.md §8):
-scan-and-unlearn, half-visual-token units, half of the image masked with its mean, no
-shuffle, three draws. :class:`ObjectiveConfig`'s defaults are the literal PCR objective
+The defaults of the defense are the measured ones (benchmarks/EVAL_NOTES.md §8, §9): the
+inline test (mode "inline": a pretrained model fine-tuned on untrusted data), half-visual-token
+units, half of the image masked with its mean, no shuffle, three draws. Scan-and-unlearn
+(mode "scan") is the mode for training from scratch. :class:`ObjectiveConfig`'s defaults are the literal PCR objective
 (pull apart the two views, bounded), the same as ``TwoViewLoss()``.
 
 This module imports nothing from the rest of the package: every layer reads it.
@@ -126,12 +127,13 @@ class DetectorConfig:
 
 @dataclass(frozen=True)
 class UnlearnConfig:
-    """The memory of flags and the unlearning objective (mode "scan").
+    """The memory of flags and the unlearning objective (modes "scan" and "inline").
 
     Args:
         target_share: a token is a *target* when at least this share of the training
-            samples whose response contains it is flagged.
-        min_support: ... and at least this many samples contain it.
+            samples whose response contains it is flagged (mode "scan"; the inline test uses
+            ``InlineConfig.flagged_share`` among its tested samples instead).
+        min_support: ... and at least this many (flagged, in mode "inline") samples contain it.
         unlearn_weight: λ of the unlikelihood on target tokens.
     """
 

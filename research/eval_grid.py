@@ -88,7 +88,35 @@ def report(runs_path: str, prefix: str) -> None:
     png = rep.save_chart(runs, prefix + ".png")
     print(rep.title(runs))
     print(rep.format_table(runs, metrics=("asr", "clean_accuracy", "bleu")))
+    print()
+    print(per_seed_table(runs))
     print(f"\nwrote {path} and {png}")
+
+
+def per_seed_table(runs: list) -> str:
+    """Markdown, one row per (poison ratio, attack, seed): plain → inline ASR, accuracy, BLEU-4
+    (%), the inline run's counted cost ratio (wall times of the grid's runs overlap other work: not compared), what it tested and
+    flagged (split by the true poisoned ids) and the target tokens it named."""
+    from pcr_fast.eval import report as rep
+
+    by = {(r["poison_ratio"], r["attack"], r["seed"], r["variant"]): (r, c)
+          for r, c in zip(runs, rep.cost_ratios(runs))}
+    lines = ["| poison | attack | seed | ASR plain → inline | accuracy | BLEU-4 | cost ×plain | "
+             "tested rows (poisoned / clean) | flagged (poisoned / clean) | targets named |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (ratio, attack, seed, var), (r, c) in sorted(by.items(), key=lambda kv: kv[0][:3]):
+        if var != "inline" or (ratio, attack, seed, "plain") not in by:
+            continue
+        p = by[(ratio, attack, seed, "plain")][0]
+        summ = r.get("inline_summary") or r.get("scan_summary") or {}
+        named = " ".join(t.get("token", str(t["token_id"])) for t in (r.get("inline") or {}).get("targets", [])) or "none"
+        pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
+        lines.append(f"| {100 * ratio:g} % | {attack} | {seed} | {pct(p['asr'])} → {pct(r['asr'])} | "
+                     f"{pct(p['clean_accuracy'])} → {pct(r['clean_accuracy'])} | {pct(p['bleu'])} → {pct(r['bleu'])} | "
+                     f"{c:.3f} | "
+                     f"{summ.get('tested_poisoned', '-')} / {summ.get('tested_clean', '-')} | "
+                     f"{summ.get('flagged_poisoned', '-')} / {summ.get('flagged_clean', '-')} | {named} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -251,3 +251,45 @@ def test_memory_never_names_an_exempt_token():
         assert mem.end_scan().tolist() == want
     with pytest.raises(ValueError, match="exempt_tokens"):
         BackdoorMemory(3, 12, exempt_tokens=[-1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_original_view_ce_is_the_single_view_ce_against_float64(backend):
+    """The defense's training step reads every token's CE from one view: per token against
+    float64 log-softmax (ignored tokens 0, large logits, a non-contiguous input and bias),
+    gradients included."""
+    from pcr_fast.defense.unlearning import original_view_ce
+
+    b, t, d, v = 3, 9, 20, 61
+    h = (torch.randn(b, d, t) * 30).transpose(1, 2).requires_grad_()       # non-contiguous, large logits
+    weight = (torch.randn(v, 2 * d)[:, ::2] / 3).requires_grad_()          # non-contiguous
+    bias = (torch.randn(2 * v)[::2] * 0.5).requires_grad_()                # non-contiguous bias
+    labels = torch.randint(0, v, (b, t))
+    labels[0, :4] = -100
+    labels[2] = -100                                                        # an all-ignored row
+    ce = original_view_ce(h, weight, labels, bias=bias, backend=backend)
+    leaves = [x.detach().double().requires_grad_() for x in (h, weight, bias)]
+    lp = _logp(leaves[0], leaves[1], leaves[2])
+    lab = labels != -100
+    want = (-lp.gather(-1, labels.clamp_min(0)[..., None])[..., 0] * lab).reshape(-1)
+    assert ce.shape == (b * t,)
+    torch.testing.assert_close(ce.double(), want.detach(), atol=1e-4, rtol=1e-5)
+    g = torch.randn(b * t, dtype=torch.float64)
+    got = torch.autograd.grad((ce.double() * g).sum(), (h, weight, bias))
+    exp = torch.autograd.grad((want * g).sum(), leaves)
+    for x, y in zip(got, exp):
+        torch.testing.assert_close(x.double(), y, atol=1e-4, rtol=1e-4)
+
+
+def test_original_view_ce_runs_the_lm_head_matmul_once():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pcr_fast.defense.unlearning import original_view_ce
+
+    n, d, v = 64, 32, 1000
+    h, weight = torch.randn(1, n, d), torch.randn(v, d)
+    labels = torch.randint(0, v, (1, n))
+    with FlopCounterMode(display=False) as counter:
+        original_view_ce(h, weight, labels, backend="torch")
+    one_matmul = 2 * n * d * v
+    assert one_matmul <= counter.get_total_flops() < 1.5 * one_matmul

@@ -93,6 +93,10 @@ def run_demo(args) -> int:
     # here once rather than by two workers at the same time (a fresh cache pre-trains)
     t0 = time.perf_counter()
     sizes = {}
+    threads = torch.get_num_threads()
+    if not (args.device or "").startswith("cuda") and not torch.cuda.is_available():
+        # the tiny model cannot use two cores; a second thread only fights other work for one
+        torch.set_num_threads(args.threads or 1)
     for seed in seeds:
         try:
             exp = prepare_experiment(args.attacks[0], args.poison_ratio, seed, args.model, init=args.init,
@@ -102,6 +106,7 @@ def run_demo(args) -> int:
         sizes[seed] = exp.num_samples
         if args.init == "pretrained":
             exp.initial_model(args.device, progress=not args.no_progress)
+    torch.set_num_threads(threads)
     epochs, steps = args.epochs, args.steps
     if epochs is None and steps is None:   # the runner's defaults, written out for the record
         epochs, steps = (FINETUNE_EPOCHS, None) if args.init == "pretrained" else (None, SCRATCH_STEPS)

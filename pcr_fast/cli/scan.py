@@ -55,7 +55,7 @@ def add_scan_parser(sub) -> None:
     r.add_argument("--seed", type=non_negative_int, default=0, help="seed of the masked views")
     r.add_argument("--num-workers", type=non_negative_int, default=0, help="data-loading worker processes")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add_config_flags(p, PCRConfig(), "detector settings (defaults are the measured values)",
+    add_config_flags(p, PCRConfig(mode="scan"), "detector settings (defaults are the measured values)",
                      sections=("augment", "detector", "unlearn", "execution"))
     p.set_defaults(func=run_scan, parser=p)
 
@@ -66,7 +66,7 @@ def run_scan(args) -> int:
     parser = args.parser
     library_logging(getattr(args, "verbose", False))
     out = prepare_out(parser, args.out, overwrite=args.overwrite)
-    config = config_from_args(parser, args, PCRConfig())
+    config = config_from_args(parser, args, PCRConfig(mode="scan"))   # the scan's thresholds and target rule
     if config.augment.augment_seed is None:
         config = config.override(augment_seed=args.seed)
     model_dir = check_model_dir(parser, args.model, allow_adapter=True)

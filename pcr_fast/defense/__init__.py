@@ -1,6 +1,11 @@
-"""The defense: PCR's cross-view invariance used as a backdoor detector (scan-and-unlearn).
+"""The defense: PCR's cross-view invariance used as a backdoor detector.
 
-Why (evidence in benchmarks/EVAL_NOTES.md §8): a backdoor response is *invariant* to
+Two ways to run the same test (DESIGN §4): :class:`InlineMemory` (mode "inline", the
+default) tests a few rows inside each training step, at about 1.03× the cost of plain SFT,
+for a pretrained model fine-tuned on untrusted data (EVAL_NOTES §9); scan-and-unlearn
+(below; mode "scan") scans the whole training set a few times, for training from scratch.
+
+Why scan-and-unlearn (evidence in benchmarks/EVAL_NOTES.md §8): a backdoor response is *invariant* to
 destroying the image content — mask half of the image in small units and the trigger
 still fires — while the model is abnormally sure of it. Judged one batch at a time during
 training, that test can be dodged (the model learns a trigger feature one random mask

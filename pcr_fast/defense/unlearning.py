@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..loss import unlikelihood_from_ce
-from ..stats import two_view_stats
+from ..stats import single_view_stats
 from .labels import check_labels_2d
 
 
@@ -29,13 +29,11 @@ def original_view_ce(h: Tensor, weight: Tensor, labels: Tensor, *, bias: Optiona
     """Per-token CE of one view, (N,) flattened like ``labels``, differentiable (0 on ignored
     tokens): what a training step of the defense needs from its one forward.
 
-    The single switch point to the single-view statistics path: until
-    ``pcr_fast.stats.single_view_stats`` exists this runs the two-view statistics with the
-    detached hidden states in the second slot (no N×V tensor, but the lm_head matmul twice).
+    Runs :func:`~pcr_fast.stats.single_view_stats`: no N×V tensor, and the lm_head matmul
+    once per row (the fused kernels compile the second view out).
     """
-    st = two_view_stats(h, h.detach(), weight, labels, bias=bias, temperature=temperature, softcap=softcap,
-                        ignore_index=ignore_index, backend=backend, detach_b=True)
-    return st.ce_a
+    return single_view_stats(h, weight, labels, bias=bias, temperature=temperature, softcap=softcap,
+                             ignore_index=ignore_index, backend=backend).ce
 
 
 def unlearning_objective(ce: Tensor, labels: Tensor, drop: Tensor, unlearn: Tensor, *, num_items_in_batch=None,

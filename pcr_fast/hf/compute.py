@@ -175,11 +175,15 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], *, config: Opt
                      one_forward: Optional[bool] = None) -> PCRLossOutput:
     """The PCR loss of one batch, for plain loops, accelerate and the Trainer.
 
+    ``mode="inline"`` (the default; needs ``memory``, an :class:`~pcr_fast.InlineMemory`,
+    and ``inputs['sample_ids']``): one training forward, its per-token CE, masked no-grad
+    views of the few rows the memory picks, then CE + unlikelihood on what it named.
     ``mode="scan"`` (needs ``memory``, the :class:`~pcr_fast.BackdoorMemory` that
     :func:`pcr_fast.hf.scan_dataset` fills): one forward of the original view; responses
     the scans flagged are dropped from the CE and target tokens get unlikelihood (needs
     ``inputs['sample_ids']``). ``mode="online"``: the per-batch two-view objective of
-    ``loss_fn``. Without ``config`` the mode follows ``memory`` (given: scan; not: online).
+    ``loss_fn``. Without ``config`` the mode follows ``memory`` (an InlineMemory: inline; a
+    BackdoorMemory: scan; none: online).
 
     Args:
         model: a HF vision-language ``*ForConditionalGeneration`` model, possibly wrapped by
@@ -194,7 +198,8 @@ def compute_pcr_loss(model: nn.Module, inputs: Mapping[str, Any], *, config: Opt
             ``image_grid_thw=`` and ``generator=`` when those exist). Default:
             ``PatchAugment.from_config(config.augment, model)``.
         loss_fn: a :class:`~pcr_fast.TwoViewLoss`. Default: ``TwoViewLoss.from_config(config)``.
-        memory: the scans' :class:`~pcr_fast.BackdoorMemory` (mode "scan").
+        memory: an :class:`~pcr_fast.InlineMemory` (mode "inline") or the scans'
+            :class:`~pcr_fast.BackdoorMemory` (mode "scan").
         num_items_in_batch: labelled tokens over all gradient-accumulation micro-batches (and
             devices), the HF Trainer convention; the loss is then ``sum / num_items_in_batch``.
         generator: RNG for the augmentation.

@@ -14,7 +14,12 @@ over the steps since the last log and added to the Trainer's logs.
 Use ``remove_unused_columns=False`` (the batch carries family-specific keys) and, with
 gradient checkpointing, ``gradient_checkpointing_kwargs={"use_reentrant": False}``.
 
-Scan-and-unlearn (``PCRConfig(mode="scan")``, the default): plain SFT until the first scan;
+The inline test (``PCRConfig(mode="inline")``, the default): every step tests a few rows
+inside the training step (:class:`pcr_fast.InlineMemory` in ``trainer.pcr_memory``, built at
+the first step, saved in every checkpoint) and unlearns the targets it names. Batches must
+carry ``sample_ids`` (training-set row ids).
+
+Scan-and-unlearn (``PCRConfig(mode="scan")``): plain SFT until the first scan;
 before the optimisation steps of ``ScanSchedule.for_run(config, max_steps).scan_steps`` the
 whole training set is scanned (:func:`pcr_fast.hf.scan_dataset`, through
 ``get_train_dataloader()``) into ``trainer.pcr_memory``; afterwards flagged samples are
