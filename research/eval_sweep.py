@@ -33,7 +33,7 @@ CONFIGS = {
     "nomask": PCRConfig(**{**_LITERAL, "mask_ratio": 0.0}),
     "detach_nomask": PCRConfig(**{**_LITERAL, "mask_ratio": 0.0}, detach_augmented=True),
     "online_gate": replace(DEMO_PCR_CONFIG, mode="online"),   # the per-batch gate of sections 3-7
-    "demo": DEMO_PCR_CONFIG,                                   # scan-and-unlearn (section 8)
+    "demo": replace(DEMO_PCR_CONFIG, mode="scan"),             # scan-and-unlearn (section 8)
 }
 
 

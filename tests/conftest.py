@@ -17,8 +17,9 @@ def _cuda_available() -> bool:
 
 if not _cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Two cores on CI: keep intra-op threads predictable.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One intra-op thread: the tests' tiny models cannot use two, and a second thread beside other
+# work (the suite's subprocesses, a neighbour on a shared machine) slows them many times over.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

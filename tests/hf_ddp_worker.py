@@ -158,7 +158,7 @@ def check_scan(rank, world, samples):
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=1, max_steps=1,
                              remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no",
                              disable_tqdm=True, ddp_backend="gloo", seed=0)
-    cfg = PCRConfig().override(backend="torch", scan_at=(0.0,), invariance_threshold=1e-3, view_confidence=1e9,
+    cfg = PCRConfig(mode="scan").override(backend="torch", scan_at=(0.0,), invariance_threshold=1e-3, view_confidence=1e9,
                     original_confidence=1e9, views=1, min_support=1)
     trainer = PCRTrainer(model=model, args=args, train_dataset=with_ids, data_collator=collate, pcr=cfg,
                          pcr_augment=lambda pixel_values, **kw: pixel_values.clone())
