@@ -8,7 +8,8 @@ Resumable: every finished run is appended to ``--runs`` (JSON lines) and skipped
     python research/eval_grid.py --runs benchmarks/results/eval_pretrained_runs.jsonl \\
         --attacks badnets,badnets_solid,blended,sig,wanet,noise --seeds 0,1,2 \\
         --poison-ratios 0.01,0.03,0.05,0.1 --variants plain,inline
-    python research/eval_grid.py --runs ... --report benchmarks/results/eval_pretrained_cpu_DATE
+    python research/eval_grid.py --runs ... --report benchmarks/results/eval_pretrained_cpu_DATE \
+        --poison-ratios 0,0.01,0.03,0.05,0.1 --variants plain,inline     # selects the runs reported
 """
 from __future__ import annotations
 
@@ -76,10 +77,11 @@ def load(path: str) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def report(runs_path: str, prefix: str) -> None:
+def report(runs_path: str, prefix: str, keep=None) -> None:
+    """Results JSON + PNG + Markdown tables of the runs in ``runs_path`` that ``keep`` accepts."""
     from pcr_fast.eval import report as rep
 
-    runs = load(runs_path)
+    runs = [r for r in load(runs_path) if keep is None or keep(r)]
     order = {v: i for i, v in enumerate(VARIANTS)}
     runs.sort(key=lambda r: (r["poison_ratio"], r["attack"], r["seed"], order.get(r["variant"], 9)))
     config = {"command": " ".join(sys.argv), "runs_file": runs_path,
@@ -130,8 +132,11 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--report", default=None, help="write PREFIX.json and PREFIX.png from --runs and exit")
     args = p.parse_args(argv)
-    if args.report:
-        report(args.runs, args.report)
+    if args.report:   # --attacks/--seeds/--poison-ratios/--variants select the runs reported
+        attacks, seeds = set(args.attacks.split(",")), {int(x) for x in args.seeds.split(",")}
+        ratios, variants = {float(x) for x in args.poison_ratios.split(",")}, set(args.variants.split(","))
+        report(args.runs, args.report, keep=lambda r: r["attack"] in attacks and r["seed"] in seeds
+               and float(r["poison_ratio"]) in ratios and r["variant"] in variants)
         return 0
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:

@@ -17,4 +17,6 @@ $G --poison-ratios 0.0 --attacks badnets --variants inline,control
 $G --poison-ratios 0.01 --variants plain
 $G --poison-ratios 0.03 --seeds 0 --variants control,scan,online
 $G --poison-ratios 0.01 --variants inline                                    # where plain is backdoored
-$G --report benchmarks/results/eval_pretrained_cpu_2026-12-02
+$G --report benchmarks/results/eval_pretrained_cpu_2026-12-02 --poison-ratios 0,0.01,0.03,0.05,0.1 --variants plain,inline
+$G --report benchmarks/results/eval_pretrained_modes_cpu_2026-12-02 --poison-ratios 0.03 --seeds 0 \
+    --variants plain,inline,control,scan,online
