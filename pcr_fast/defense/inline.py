@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..config import PCRConfig
 from .detector import CrossViewScores
-from .labels import check_labels_2d, token_mask
+from .labels import check_labels_2d, check_sample_ids, token_mask, token_presence
 
 logger = logging.getLogger(__name__)
 
@@ -162,24 +162,11 @@ class InlineMemory:
 
     # ---- inputs ----------------------------------------------------------------------------
     def _ids(self, sample_ids: Tensor, rows: int) -> Tensor:
-        if not isinstance(sample_ids, Tensor) or sample_ids.dim() != 1 or sample_ids.is_floating_point() \
-                or sample_ids.numel() != rows:
-            raise ValueError(f"sample_ids must be a 1-D integer tensor with one id per response ({rows}), got "
-                             f"{getattr(sample_ids, 'dtype', type(sample_ids).__name__)} "
-                             f"{tuple(getattr(sample_ids, 'shape', ()))}")
-        if sample_ids.device.type == "cpu" and rows and (int(sample_ids.min()) < 0
-                                                         or int(sample_ids.max()) >= self.num_samples):
-            raise ValueError(f"sample_ids must lie in [0, {self.num_samples}) (the training set's row ids), got "
-                             f"values in [{int(sample_ids.min())}, {int(sample_ids.max())}]")
-        return sample_ids.to(self.device, torch.long)
+        return check_sample_ids(sample_ids, rows, self.num_samples, self.device)
 
     def _presence(self, labels: Tensor, ignore_index: int) -> Tensor:
         """(B, V) bool: which vocabulary entries each response contains."""
-        lab = labels.to(self.device)
-        valid = lab != ignore_index
-        idx = torch.where(valid & (lab >= 0) & (lab < self.vocab_size), lab, torch.full_like(lab, self.vocab_size))
-        out = torch.zeros(lab.shape[0], self.vocab_size + 1, dtype=torch.bool, device=lab.device)
-        return out.scatter_(1, idx, True)[:, :-1]
+        return token_presence(labels, self.vocab_size, ignore_index, self.device)
 
     @staticmethod
     def _token_ce(labels: Tensor, ce: Tensor) -> Tensor:

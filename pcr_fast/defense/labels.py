@@ -32,3 +32,28 @@ def token_mask(token_ids: Optional[Iterable[int]], vocab_size: int, name: str = 
     if ids:
         mask[torch.tensor(ids, dtype=torch.long, device=mask.device)] = True
     return mask
+
+
+def check_sample_ids(sample_ids: Tensor, rows: int, num_samples: int, device: torch.device) -> Tensor:
+    """``sample_ids`` as a long tensor on ``device``, or a ``ValueError``: a 1-D integer tensor
+    with one id per response, each in [0, num_samples) (range checked on CPU only: on a GPU
+    it would need a host sync)."""
+    if not isinstance(sample_ids, Tensor) or sample_ids.dim() != 1 or sample_ids.is_floating_point() \
+            or sample_ids.numel() != rows:
+        raise ValueError(f"sample_ids must be a 1-D integer tensor with one id per response ({rows}), got "
+                         f"{getattr(sample_ids, 'dtype', type(sample_ids).__name__)} "
+                         f"{tuple(getattr(sample_ids, 'shape', ()))}")
+    if sample_ids.device.type == "cpu" and rows and (int(sample_ids.min()) < 0 or int(sample_ids.max()) >= num_samples):
+        raise ValueError(f"sample_ids must lie in [0, {num_samples}) (the training set's row ids), got "
+                         f"values in [{int(sample_ids.min())}, {int(sample_ids.max())}]")
+    return sample_ids.to(device, torch.long)
+
+
+def token_presence(labels: Tensor, vocab_size: int, ignore_index: int, device: torch.device) -> Tensor:
+    """(B, V) bool: which vocabulary entries each (B, T) response contains (ignored and
+    out-of-range labels count for nothing)."""
+    lab = labels.to(device)
+    valid = (lab != ignore_index) & (lab >= 0) & (lab < vocab_size)
+    idx = torch.where(valid, lab, torch.full_like(lab, vocab_size))   # → a spare column
+    out = torch.zeros(lab.shape[0], vocab_size + 1, dtype=torch.bool, device=lab.device)
+    return out.scatter_(1, idx, True)[:, :-1]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..config import UnlearnConfig
-from .labels import check_labels_2d, token_mask
+from .labels import check_labels_2d, check_sample_ids, token_mask, token_presence
 
 logger = logging.getLogger(__name__)
 
@@ -74,27 +74,17 @@ class BackdoorMemory:
         return self.scans > 0
 
     def _ids(self, sample_ids: Tensor, rows: int) -> Tensor:
-        if not isinstance(sample_ids, Tensor) or sample_ids.dim() != 1 or sample_ids.is_floating_point() \
-                or sample_ids.numel() != rows:
-            raise ValueError(f"sample_ids must be a 1-D integer tensor with one id per response ({rows}), got "
-                             f"{getattr(sample_ids, 'dtype', type(sample_ids).__name__)} "
-                             f"{tuple(getattr(sample_ids, 'shape', ()))}")
-        if sample_ids.device.type == "cpu" and rows and (int(sample_ids.min()) < 0
-                                                         or int(sample_ids.max()) >= self.num_samples):
-            raise ValueError(f"sample_ids must lie in [0, {self.num_samples}) (the training set's row ids), got "
-                             f"values in [{int(sample_ids.min())}, {int(sample_ids.max())}]")
-        return sample_ids.to(self.flags.device, torch.long)
+        return check_sample_ids(sample_ids, rows, self.num_samples, self.flags.device)
 
     def _presence(self, labels: Tensor, ignore_index: int) -> Tensor:
-        """(B, V) bool: which vocabulary entries each response contains."""
+        """(B, V) bool: which vocabulary entries each response contains (labels out of range
+        are an error here: a scan is off the hot path)."""
         check_labels_2d(labels)
         lab = labels.to(self.flags.device)
         valid = lab != ignore_index
         if valid.any() and bool(((lab < 0) | (lab >= self.vocab_size))[valid].any()):
             raise ValueError(f"labels must be token ids in [0, {self.vocab_size}) or ignore_index={ignore_index}")
-        idx = torch.where(valid, lab, torch.full_like(lab, self.vocab_size))  # ignored → spare column
-        out = torch.zeros(lab.shape[0], self.vocab_size + 1, dtype=torch.bool, device=lab.device)
-        return out.scatter_(1, idx, True)[:, :-1]
+        return token_presence(lab, self.vocab_size, ignore_index, self.flags.device)
 
     def begin_scan(self) -> None:
         """Start counting token occurrences afresh (each sample must be recorded once per scan)."""
