@@ -30,7 +30,7 @@ setup(
         # install torch==2.13.0 first (the Makefile does) so pip does not pull a CUDA build.
         "torch>=2.4",
         "triton>=3.3",  # tested: 3.9.0 (CPU interpreter; GPU code compiled AOT for sm_80/86/90/100, never run)
-        # transformers: tested range 5.17 .. 5.23 (the 5.x API is what pcr_fast.hf targets)
+        # transformers: tested range 5.17 .. 5.24 (the 5.x API is what pcr_fast.hf targets)
         "transformers>=5.0,<6",
         "peft>=0.17",
         "accelerate>=1.0",
