@@ -83,6 +83,14 @@ def test_targets_need_novelty_support_and_share():
     mem.commit()                                           # token 5: 2 of 4 flagged = 0.5
     assert mem.targets.nonzero().flatten().tolist() == [5]
     assert mem.token_shares()[5].item() == pytest.approx(0.5)
+    # the step that named it is kept (the third commit), and stays its first even when renamed
+    assert mem.named_at[5].item() == 3 and (mem.named_at[torch.arange(V) != 5] == -1).all()
+    mem.commit()
+    assert mem.named_at[5].item() == 3 and mem.summary()["first_named_at_step"] == 3
+    assert mem.report()["targets"][0]["named_at_step"] == 3
+    other = memory(n=10)
+    other.load_state_dict(mem.state_dict())
+    assert other.named_at[5].item() == 3
     # treatment: flagged rows and rows holding a target leave the CE; only target tokens unlearned
     drop, unlearn = mem.treatment(torch.tensor([3, 5, 6]), torch.tensor([[6, 6], [5, 6], [7, -100]]))
     assert drop.tolist() == [True, True, False]
@@ -115,7 +123,7 @@ def test_state_dict_round_trip_and_report():
     assert other.steps == mem.steps and other.rows_to_test(7) == mem.rows_to_test(7)
     rep = mem.report()
     assert rep["counts"]["tested"] == 2 and rep["counts"]["flagged"] == 2 and rep["counts"]["targets"] == 1
-    assert rep["targets"] == [{"token_id": 5, "tested": 2, "flagged": 2, "share": 1.0}]
+    assert rep["targets"] == [{"token_id": 5, "tested": 2, "flagged": 2, "share": 1.0, "named_at_step": 2}]
     assert rep["thresholds"]["flagged_share"] == 0.5
     recs = mem.sample_records()
     assert [r["id"] for r in recs] == [1, 2] and recs[0]["invariance"] == pytest.approx(0.01)

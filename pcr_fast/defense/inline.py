@@ -107,6 +107,8 @@ class InlineMemory:
         self.confidence, self.invariance, self.view_ce = (self._scores[i, :num_samples] for i in range(3))
         self.counts = torch.zeros(4, vocab_size, dtype=torch.long, device=dev)   # seen, predicted, tested, flagged
         self.targets = torch.zeros(vocab_size, dtype=torch.bool, device=dev)
+        # the step (1-based, the commit that named it) each token first became a target; -1: never
+        self.named_at = torch.full((vocab_size,), -1, dtype=torch.long, device=dev)
         self.exempt = token_mask(exempt_tokens, vocab_size, device=dev)
         self.steps = 0
         self._credit = 0.0
@@ -282,6 +284,7 @@ class InlineMemory:
         self._pending = torch.zeros_like(self.counts)
         self._records = []
         self.steps += 1
+        self.named_at = torch.where(self.targets & (self.named_at < 0), self.steps, self.named_at)
 
     def treatment(self, sample_ids: Tensor, labels: Tensor, ignore_index: int = -100) -> Tuple[Tensor, Tensor]:
         """For a training batch: (drop (B,) bool, unlearn (B, T) bool): flagged rows and rows
@@ -301,8 +304,9 @@ class InlineMemory:
         shares = self.token_shares()
 
         def token(t: int) -> Dict[str, Any]:
+            named = int(self.named_at[t])
             row = {"token_id": t, "tested": int(self.counts[_TESTED, t]), "flagged": int(self.counts[_FLAGGED, t]),
-                   "share": round(float(shares[t]), 4)}
+                   "share": round(float(shares[t]), 4), "named_at_step": named if named >= 0 else None}
             if tokenizer is not None:
                 row["token"] = tokenizer.convert_ids_to_tokens(t)
             return row
@@ -332,7 +336,9 @@ class InlineMemory:
         tests and flags split between poisoned and clean samples."""
         out: Dict[str, object] = {"steps": self.steps, "tested": int(self.tested.sum()), "flagged": int(self.flags.sum()),
                                   "target_tokens": torch.nonzero(self.targets).flatten().tolist(),
-                                  "novel_tokens": torch.nonzero(self.novel).flatten().tolist()}
+                                  "novel_tokens": torch.nonzero(self.novel).flatten().tolist(),
+                                  "first_named_at_step": (int(self.named_at[self.named_at >= 0].min())
+                                                          if bool((self.named_at >= 0).any()) else None)}
         if poisoned is not None:
             mask = torch.zeros_like(self.flags)
             if len(poisoned):
@@ -347,7 +353,8 @@ class InlineMemory:
             raise RuntimeError("InlineMemory.state_dict() between record() and commit(): commit the step first")
         return {"tested": self.tested.clone(), "flags": self.flags.clone(), "confidence": self.confidence.clone(),
                 "invariance": self.invariance.clone(), "view_ce": self.view_ce.clone(), "counts": self.counts.clone(),
-                "targets": self.targets.clone(), "exempt": self.exempt.clone(), "steps": self.steps,
+                "targets": self.targets.clone(), "named_at": self.named_at.clone(), "exempt": self.exempt.clone(),
+                "steps": self.steps,
                 "credit": self._credit,
                 "nominal_rows": self._nominal_rows, "thresholds": dict(self.thresholds)}
 
@@ -357,8 +364,9 @@ class InlineMemory:
             if tuple(state[key].shape) != tuple(mine.shape):
                 raise ValueError(f"state {key!r} has shape {tuple(state[key].shape)}, this memory {tuple(mine.shape)}")
             mine.copy_(state[key].to(mine.device))
-        if "exempt" in state:
-            self.exempt.copy_(state["exempt"].to(self.device))
+        for key in ("exempt", "named_at"):   # absent from checkpoints of older versions
+            if key in state:
+                getattr(self, key).copy_(state[key].to(self.device))
         self.steps = int(state["steps"])
         self._credit = float(state["credit"])
         self._nominal_rows = state["nominal_rows"]
