@@ -277,8 +277,8 @@ def test_original_view_ce_is_the_single_view_ce_against_float64(backend):
     g = torch.randn(b * t, dtype=torch.float64)
     got = torch.autograd.grad((ce.double() * g).sum(), (h, weight, bias))
     exp = torch.autograd.grad((want * g).sum(), leaves)
-    for x, y in zip(got, exp):
-        torch.testing.assert_close(x.double(), y, atol=1e-4, rtol=1e-4)
+    for x, y in zip(got, exp):   # fp32 sums over rows: tolerance scaled by the largest entry
+        torch.testing.assert_close(x.double(), y, atol=2e-5 * float(y.abs().max()) + 1e-6, rtol=1e-4)
 
 
 def test_original_view_ce_runs_the_lm_head_matmul_once():
