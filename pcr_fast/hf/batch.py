@@ -3,7 +3,8 @@ sample ids and the cached default augmentation."""
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Mapping, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -111,3 +112,28 @@ def check_first_batch(inputs: Any, *, needs_sample_ids: bool, num_samples: Optio
         if num_samples is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_samples):
             raise ValueError(f"the first training batch's sample_ids lie in [{int(ids.min())}, {int(ids.max())}], "
                              f"outside the training set's row ids [0, {num_samples})")
+
+
+@dataclass
+class OriginalView:
+    """The original view's forward of a batch, as every PCR step reads it."""
+
+    model_inputs: Dict[str, Any]    # the batch without pcr_fast's own keys
+    shape: Tuple[int, int]          # (B, T) of input_ids
+    hidden: Tensor                  # last hidden states, shifted for the causal LM
+    targets: Tensor                 # the labels, shifted alike
+    weight: Tensor                  # the lm_head weight
+    softcap: Optional[float]        # the logit softcap, verified on the first batch
+
+
+def original_view(model: nn.Module, head: nn.Module, inputs: Mapping[str, Any], verified: bool,
+                  softcap: Optional[float]) -> OriginalView:
+    """One forward of the batch's original view (no N×V logits); on a model not yet
+    ``verified`` its logits are checked against ``softcap(lm_head(h))`` and the softcap read."""
+    model_inputs = adapters.model_inputs_of(inputs)
+    shape = tuple(inputs["input_ids"].shape[:2])
+    hidden, weight = adapters.forward_hidden(model, head, model_inputs, shape, verify=not verified)
+    if not verified:
+        softcap = adapters.verified_softcap(model)[1]
+    hidden, targets = shifted_targets(hidden, inputs)
+    return OriginalView(model_inputs, shape, hidden, targets, weight, softcap)

@@ -20,7 +20,7 @@ from ..defense import BackdoorMemory, InlineMemory, cross_view_scores, unlearnin
 from ..defense.unlearning import original_view_ce, unlearning_objective
 from ..loss import TwoViewLoss, TwoViewLossOutput
 from . import adapters
-from .batch import batch_sample_ids, cached_augment, check_batch, shifted_targets, shifted_token_mask
+from .batch import batch_sample_ids, cached_augment, check_batch, original_view, shifted_targets, shifted_token_mask
 from .rows import select_rows
 
 logger = logging.getLogger(__name__)
@@ -91,12 +91,8 @@ def _unlearning_step(model, inputs, head, verified, softcap, cfg, memory, num_it
     if not isinstance(memory, BackdoorMemory):
         raise ValueError(f"memory must be a BackdoorMemory (BackdoorMemory.from_config), got {type(memory).__name__}")
     ids = batch_sample_ids(inputs)
-    model_inputs = adapters.model_inputs_of(inputs)
-    h_a, weight = adapters.forward_hidden(model, head, model_inputs, tuple(inputs["input_ids"].shape[:2]),
-                                          verify=not verified)
-    if not verified:
-        softcap = adapters.verified_softcap(model)[1]
-    h_a, targets = shifted_targets(h_a, inputs)
+    view = original_view(model, head, inputs, verified, softcap)
+    h_a, targets, weight, softcap = view.hidden, view.targets, view.weight, view.softcap
     drop, unlearn = memory.treatment(ids, targets)
     with adapters.gathered_weight(weight):
         out = unlearning_loss(h_a, weight, targets, drop, unlearn, bias=getattr(head, "bias", None),
@@ -115,12 +111,9 @@ def _inline_step(model, inputs, head, verified, softcap, cfg, memory, num_items_
         raise ValueError(f"mode 'inline' needs an InlineMemory (InlineMemory.from_config), got "
                          f"{type(memory).__name__}")
     ids = batch_sample_ids(inputs)
-    model_inputs = adapters.model_inputs_of(inputs)
-    shape = tuple(inputs["input_ids"].shape[:2])
-    h_a, weight = adapters.forward_hidden(model, head, model_inputs, shape, verify=not verified)
-    if not verified:
-        softcap = adapters.verified_softcap(model)[1]
-    h_a, targets = shifted_targets(h_a, inputs)
+    view = original_view(model, head, inputs, verified, softcap)
+    h_a, targets, weight, softcap = view.hidden, view.targets, view.weight, view.softcap
+    model_inputs, shape = view.model_inputs, view.shape
     bias = getattr(head, "bias", None)
     stats = dict(bias=bias, softcap=softcap, backend=cfg.execution.backend)
     with adapters.gathered_weight(weight):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..config import PCRConfig
 from ..defense import BackdoorMemory, CrossViewScores, cross_view_scores
 from . import adapters
-from .batch import batch_sample_ids, cached_augment, check_batch, shifted_targets
+from .batch import batch_sample_ids, cached_augment, check_batch, original_view, shifted_targets
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +43,9 @@ def scan_batch(model: nn.Module, inputs: Mapping[str, Any], memory: BackdoorMemo
     verified, softcap = adapters.verified_softcap(model)
     if augment is None:
         augment = cached_augment(model, cfg.augment)
-    model_inputs = adapters.model_inputs_of(inputs)
-    shape = tuple(inputs["input_ids"].shape[:2])
-    h_a, weight = adapters.forward_hidden(model, head, model_inputs, shape, verify=not verified)
-    if not verified:
-        softcap = adapters.verified_softcap(model)[1]
-    h_a, targets = shifted_targets(h_a, inputs)
+    view = original_view(model, head, inputs, verified, softcap)
+    h_a, targets, weight, softcap = view.hidden, view.targets, view.weight, view.softcap
+    model_inputs, shape = view.model_inputs, view.shape
     pixels = model_inputs[adapters.PIXEL_KEY]
     views = []
     for _ in range(cfg.augment.views):
