@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from .options import writable_dir
 
@@ -132,6 +132,21 @@ def check_first_batch_or_exit(parser: argparse.ArgumentParser, collator: Any, sa
         parser.error(str(err))
     except Exception as err:   # the processor rejecting our text/images: say which and why
         parser.error(f"--model: its processor cannot prepare the first batch of --data ({type(err).__name__}: {err})")
+
+
+def load_inputs_or_exit(parser: argparse.ArgumentParser, args, model: ModelDir) -> Tuple[Any, Any, Any]:
+    """(data, processor, collator) of ``--data`` for ``model``, the first batch already
+    collated: every input checked before a weight is read."""
+    data = load_data_or_exit(parser, args)
+    processor = load_processor_or_exit(parser, model)
+    from ..data import ConversationCollator
+
+    try:
+        collator = ConversationCollator(processor, template=args.template)
+    except ValueError as err:
+        parser.error(f"--template: {err}")
+    check_first_batch_or_exit(parser, collator, data.samples, args.batch_size)
+    return data, processor, collator
 
 
 def load_model(model: ModelDir, *, bf16: bool = False, adapter: Optional[str] = None, trainable_adapter: bool = False):

@@ -15,8 +15,8 @@ import os
 import sys
 import time
 
-from .common import (check_first_batch_or_exit, check_model_dir, existing_dir, existing_file, library_logging,
-                     load_data_or_exit, load_model, load_processor_or_exit, prepare_out, quiet_transformers)
+from .common import (check_model_dir, existing_dir, existing_file, library_logging, load_inputs_or_exit, load_model,
+                     prepare_out, quiet_transformers)
 from .options import add_config_flags, config_from_args, non_negative_int, positive_int
 
 logger = logging.getLogger(__name__)
@@ -72,15 +72,9 @@ def run_scan(args) -> int:
     model_dir = check_model_dir(parser, args.model, allow_adapter=True)
     if args.adapter is not None and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         parser.error(f"--adapter {args.adapter!r} has no adapter_config.json (a peft adapter folder is expected)")
-    data = load_data_or_exit(parser, args)
-    processor = load_processor_or_exit(parser, model_dir)
-    from ..data import ConversationCollator, ConversationDataset
+    data, processor, collator = load_inputs_or_exit(parser, args, model_dir)
+    from ..data import ConversationDataset
 
-    try:
-        collator = ConversationCollator(processor, template=args.template)
-    except ValueError as err:
-        parser.error(f"--template: {err}")
-    check_first_batch_or_exit(parser, collator, data.samples, args.batch_size)
     import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

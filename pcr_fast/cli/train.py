@@ -22,9 +22,8 @@ import sys
 import time
 from typing import Any, Dict
 
-from .common import (add_lora, check_first_batch_or_exit, check_model_dir, existing_dir, existing_file,
-                     library_logging, load_data_or_exit, load_model, load_processor_or_exit, prepare_out,
-                     quiet_transformers)
+from .common import (add_lora, check_model_dir, existing_dir, existing_file, library_logging, load_inputs_or_exit,
+                     load_model, prepare_out, quiet_transformers)
 from .options import add_config_flags, config_from_args, non_negative_int, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
@@ -112,15 +111,9 @@ def run_train(args) -> int:
             pcr = pcr.override(augment_seed=args.seed)   # reproducible masks
     # ---- 2. model folder, data rows, processor, first batch: all before any weight is read
     model_dir = check_model_dir(parser, args.model, allow_adapter=False)
-    data = load_data_or_exit(parser, args)
-    processor = load_processor_or_exit(parser, model_dir)
-    from ..data import ConversationCollator, ConversationDataset
+    data, processor, collator = load_inputs_or_exit(parser, args, model_dir)
+    from ..data import ConversationDataset
 
-    try:
-        collator = ConversationCollator(processor, template=args.template)
-    except ValueError as err:
-        parser.error(f"--template: {err}")
-    check_first_batch_or_exit(parser, collator, data.samples, args.batch_size)
     if args.resume:
         _check_resume_data(parser, out, data)
     # ---- 3. the model
