@@ -373,4 +373,5 @@ def test_special_token_ids_of_a_model_and_its_tokenizer():
 
     assert {3, 7} <= set(special_token_ids(model, Processor()))
     assert special_token_ids(None, Processor()) == [3, 7]
+    assert special_token_ids(None, Processor(), vocab_size=5) == [3], "ids the lm_head lacks are left out"
     assert PreTrainedTokenizerFast is not None

@@ -259,14 +259,14 @@ def run_experiment(attack: Union[str, TriggerFn] = "badnets", defense: str = "no
     augment = loss_fn = compute_loss = memory = schedule = None
     if defense == "pcr":
         from ..augment import PatchAugment
-        from ..hf import compute_pcr_loss as compute_loss  # the public hook (heavy import)
+        from ..hf import compute_pcr_loss as compute_loss, special_token_ids  # the public hook (heavy import)
 
         # seeded by the run's seed unless the config fixes one: runs are reproducible
         # (patch_size=None: the model's visual-token unit, read from the model)
         augment = PatchAugment.from_config(pcr.augment, net, seed=seed if pcr.augment.augment_seed is None else None)
         schedule = ScanSchedule.for_run(pcr, steps)
         vocab = net.get_output_embeddings().weight.shape[0]
-        special = [t for t in exp.tokenizer.all_special_ids if t < vocab]   # never targets
+        special = special_token_ids(net, exp.tokenizer, vocab_size=vocab)   # never targets
         if pcr.mode == "inline":
             memory = InlineMemory.from_config(pcr, exp.num_samples, vocab, device=dev, exempt_tokens=special)
             test_generator = torch.Generator(device=dev).manual_seed(int(seed) + 2)

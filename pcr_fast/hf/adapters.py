@@ -73,9 +73,11 @@ def _text_config(config):
 _SPECIAL_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def special_token_ids(model: Optional[nn.Module] = None, tokenizer: Any = None) -> List[int]:
+def special_token_ids(model: Optional[nn.Module] = None, tokenizer: Any = None,
+                      vocab_size: Optional[int] = None) -> List[int]:
     """The special tokens of a model and its tokenizer (or processor): the tokenizer's
-    ``all_special_ids`` and the bos/eos/pad ids of the model's config and generation config.
+    ``all_special_ids`` and the bos/eos/pad ids of the model's config and generation config;
+    with ``vocab_size``, only those the lm_head has (a tokenizer may list more).
 
     Why: the defense must never name one as a backdoor target (an end-of-answer token ends
     every response, so unlearning it would unlearn answering).
@@ -94,7 +96,7 @@ def special_token_ids(model: Optional[nn.Module] = None, tokenizer: Any = None) 
                     for t in (value if isinstance(value, (list, tuple)) else [value]):
                         if isinstance(t, int) and t >= 0:
                             ids.add(t)
-    return sorted(ids)
+    return sorted(t for t in ids if vocab_size is None or t < vocab_size)
 
 
 def find_lm_head(model: nn.Module) -> nn.Module:

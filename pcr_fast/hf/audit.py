@@ -45,7 +45,7 @@ def scan_report(model: nn.Module, dataset: Any, collator: Callable, *, config: O
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     head = adapters.find_lm_head(model)
     tokenizer = tokenizer if tokenizer is not None else getattr(collator, "tokenizer", None)
-    special = [t for t in adapters.special_token_ids(model, tokenizer) if t < head.weight.shape[0]]
+    special = adapters.special_token_ids(model, tokenizer, vocab_size=head.weight.shape[0])
     memory = BackdoorMemory.from_config(cfg.unlearn, n, head.weight.shape[0], device=head.weight.device,
                                         exempt_tokens=special)
     columns = {k: torch.full((n,), float("nan")) for k in SCORE_KEYS}

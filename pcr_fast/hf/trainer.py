@@ -130,8 +130,8 @@ class PCRTrainerMixin:
 
     def _pcr_special_ids(self, model: nn.Module) -> list:
         # never targets: the model's and the tokenizer's special tokens
-        vocab = adapters.find_lm_head(model).weight.shape[0]
-        return [t for t in adapters.special_token_ids(model, self.processing_class) if t < vocab]
+        return adapters.special_token_ids(model, self.processing_class,
+                                          vocab_size=adapters.find_lm_head(model).weight.shape[0])
 
     def _pcr_test_generator(self, device: torch.device) -> torch.Generator:
         # seeded by the run's seed: the inline test picks and masks the same rows run after run
