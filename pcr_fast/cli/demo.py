@@ -94,7 +94,7 @@ def run_demo(args) -> int:
     t0 = time.perf_counter()
     sizes = {}
     threads = torch.get_num_threads()
-    if not (args.device or "").startswith("cuda") and not torch.cuda.is_available():
+    if not _on_gpu(args):
         # the tiny model cannot use two cores; a second thread only fights other work for one
         torch.set_num_threads(args.threads or 1)
     for seed in seeds:
@@ -155,18 +155,22 @@ def _print_run(r, done: int, total: int) -> None:
           f"({r['train_seconds']:.0f}s)", flush=True)
 
 
+def _on_gpu(args) -> bool:
+    """Whether the runs train on a GPU (``--device``, else CUDA when available)."""
+    import torch
+
+    return (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+
+
 def _num_jobs(args, n_runs: int) -> int:
     """Worker processes: --jobs, else one per CPU core (at most 2) when training on the CPU.
 
     Why processes: these tiny models cannot keep two cores busy with intra-op threads, so two
     runs side by side (one thread each) finish the default demo in about half the time.
     """
-    import torch
-
     if args.jobs is not None:
         return min(args.jobs, n_runs)
-    on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if on_gpu:
+    if _on_gpu(args):
         return 1
     return max(1, min(2, os.cpu_count() or 1, n_runs))
 
